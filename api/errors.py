@@ -1,0 +1,76 @@
+"""The one place where errors become HTTP: status table, JSON shape, and Flask handlers."""
+
+from __future__ import annotations
+
+import re
+
+from flask import Flask, g, jsonify
+from werkzeug.exceptions import HTTPException
+
+from services import errors as e
+
+STATUS_BY_ERROR: dict[type[e.BackendError], int] = {
+    e.InvalidRequest: 400,
+    e.Unauthorized: 401,
+    e.ModelNotFound: 404,
+    e.ModelConflict: 409,
+    e.PayloadTooLarge: 413,
+    e.TooBusy: 429,
+    e.ModelLoadError: 500,
+    e.QueueTimeout: 503,
+    e.ShuttingDown: 503,
+    e.GenerationTimeout: 504,
+}
+
+# Werkzeug's names, where the contract wants a different code.
+_HTTP_CODES = {413: "payload_too_large"}
+
+
+def status_for(error: e.BackendError) -> int:
+    """The status of the closest class in the table (a ContextOverflow is an InvalidRequest)."""
+    for cls in type(error).__mro__:
+        if cls in STATUS_BY_ERROR:
+            return STATUS_BY_ERROR[cls]
+    return 500
+
+
+def error_payload(error: BaseException) -> dict:
+    """`{"error": {"code", "message", ...details}}` for any exception; internals stay hidden."""
+    if isinstance(error, e.BackendError):
+        return {"error": {"code": error.code, "message": error.message, **error.details}}
+    if isinstance(error, HTTPException):
+        code = _HTTP_CODES.get(error.code) or re.sub(r"\W+", "_", (error.name or "error").lower())
+        return {"error": {"code": code, "message": error.description or error.name}}
+    return {"error": {"code": "internal_error",
+                      "message": "the server failed to handle this request; see errors.log"}}
+
+
+def register_error_handlers(app: Flask) -> None:
+    """JSON for every error: domain errors, Flask's own 4xx/5xx, and anything unexpected."""
+
+    @app.errorhandler(e.BackendError)
+    def backend_error(error: e.BackendError):
+        response = jsonify(error_payload(error))
+        response.status_code = status_for(error)
+        if isinstance(error, e.TooBusy):
+            response.headers["Retry-After"] = str(error.retry_after)
+        if isinstance(error, e.Unauthorized):
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        response = jsonify(error_payload(error))
+        response.status_code = error.code or 500
+        if error.code == 405 and error.valid_methods:
+            response.headers["Allow"] = ", ".join(error.valid_methods)
+        return response
+
+    @app.errorhandler(Exception)
+    def unexpected_error(error: Exception):
+        app.extensions["llm"].loggers.errors.error(
+            "unhandled error", exc_info=error,
+            extra={"fields": {"request_id": g.get("request_id"), "error": repr(error)}})
+        response = jsonify(error_payload(error))
+        response.status_code = 500
+        return response

@@ -1,0 +1,103 @@
+"""GGUF blueprint (/api/v1): generation, model listing, detailed health."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator
+
+from flask import Blueprint, g, jsonify
+
+from api import backend
+from api.docs import document
+from api.errors import error_payload
+from api.http import json_body, log_fields, sse_response
+from services.errors import BackendError
+from services.generate_request import GENERATE_PARAMS
+from services.health import health_report
+from services.llm_service import Finished, GenerationStream
+
+bp = Blueprint("gguf", __name__)
+
+_EXAMPLE_REPLY = {
+    "request_id": "3f2c…", "model": "gemma-3-270m-q4_k_m.gguf", "text": " Paris.",
+    "finish_reason": "stop", "usage": {"prompt_tokens": 6, "completion_tokens": 3, "total_tokens": 9},
+    "timings": {"queue_ms": 0.4, "generation_ms": 52.1, "tokens_per_second": 57.6},
+}
+
+
+@bp.post("/generate")
+@document(params=GENERATE_PARAMS,
+          example={"prompt": "The capital of France is", "max_tokens": 16},
+          reply=_EXAMPLE_REPLY,
+          stream_reply='data: {"token": " Paris"}\n\ndata: {"done": true, "finish_reason": "stop", '
+                       '"usage": {...}, "timings": {...}}')
+def generate():
+    """Generate text from a prompt with a GGUF model.
+
+    With "stream": true the reply is text/event-stream: one {"token"} event per token, then a
+    {"done": true} event with finish_reason, usage and timings. Errors before the first event
+    have their own status; an error after it arrives as a final {"error"} event.
+    """
+    service = backend().llm
+    request = service.parse_request(json_body())
+    log_fields(model=request.model)
+    if request.stream:
+        stream = service.stream(request)
+        log_fields(model=stream.started.model, prompt_tokens=stream.started.prompt_tokens,
+                   queue_ms=round(stream.started.queue_ms, 1))
+        return sse_response(_sse_events(stream, g.request_id, g.log_fields, backend().loggers.errors))
+    result = service.generate(request)
+    log_fields(model=result.model, prompt_tokens=result.usage.prompt_tokens,
+               completion_tokens=result.usage.completion_tokens,
+               queue_ms=round(result.timings.queue_ms, 1))
+    return jsonify(request_id=g.request_id, **finished_fields(result))
+
+
+def finished_fields(result: Finished) -> dict:
+    return {"model": result.model, "text": result.text, "finish_reason": result.finish_reason,
+            "usage": result.usage.to_dict(), "timings": result.timings.to_dict()}
+
+
+def _sse_events(stream: GenerationStream, request_id: str, fields: dict,
+                errors_log: logging.Logger) -> Iterator[dict]:
+    """Token events, then `done`; an error mid-stream becomes a last `error` event."""
+    try:
+        for event in stream:
+            if isinstance(event, Finished):
+                fields["completion_tokens"] = event.usage.completion_tokens
+                done = finished_fields(event)
+                del done["text"]
+                yield {"done": True, "request_id": request_id, **done}
+            else:
+                yield {"token": event.text}
+    except Exception as exc:
+        payload = error_payload(exc)
+        fields["error"] = payload["error"]["code"]
+        if not isinstance(exc, BackendError):
+            errors_log.error("stream failed", exc_info=exc,
+                             extra={"fields": {"request_id": request_id, "error": repr(exc)}})
+        yield payload
+
+
+@bp.get("/models")
+@document(reply={"models": [{"name": "gemma-3-270m-q4_k_m.gguf", "type": "gguf",
+                             "size_bytes": 253113024, "sha256": "a5fd3b…", "architecture": "gemma3",
+                             "context_length": 32768, "loaded": False}]})
+def list_models():
+    """List the GGUF models in MODELS_DIR with their metadata and load state."""
+    return jsonify(models=backend().llm.list_models())
+
+
+@bp.get("/models/<name>")
+@document(reply={"name": "gemma-3-270m-q4_k_m.gguf", "type": "gguf", "loaded": True})
+def model_info(name: str):
+    """One model's metadata and load state; 404 if there is no such model."""
+    return jsonify(backend().llm.describe_model(name))
+
+
+@bp.get("/health")
+@document(reply={"status": "ok", "reasons": [], "models": 1, "workers": {"max": 4, "busy": 0}})
+def detailed_health():
+    """Readiness: models present, workers alive, memory and disk; status ok, degraded or down."""
+    report = health_report(backend())
+    return jsonify(report), 200 if report["status"] != "down" else 503

@@ -1,0 +1,189 @@
+"""Bounded admission and a fixed worker pool for generations.
+
+At most MAX_CONCURRENT_REQUESTS jobs are admitted (running + waiting); the next is refused at
+once with TooBusy, like Ollama's ErrMaxQueue, so a burst costs the server nothing. Admitted jobs
+run on a ThreadPoolExecutor of MAX_WORKERS threads; llama.cpp releases the GIL while it computes,
+so threads give real parallelism.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from services.errors import GenerationTimeout, QueueTimeout, ShuttingDown, TooBusy
+
+
+class Job:
+    """One admitted unit of work: its deadlines and the flags that stop it.
+
+    `start()` (called by the work once it holds a model instance) and `abandon()` (called by a
+    caller that stopped waiting) race under one lock, so exactly one of them wins.
+    """
+
+    def __init__(self, queue_timeout: float, request_timeout: float):
+        self.admitted_at = time.monotonic()
+        self.queue_deadline = self.admitted_at + queue_timeout
+        self.request_timeout = request_timeout
+        self.started_at: float | None = None
+        self.cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self.future: Future | None = None
+
+    @property
+    def queue_seconds(self) -> float:
+        return (self.started_at or time.monotonic()) - self.admitted_at
+
+    @property
+    def generation_deadline(self) -> float:
+        return (self.started_at or time.monotonic()) + self.request_timeout
+
+    def start(self) -> None:
+        """Mark the job as running; raise QueueTimeout if it waited too long or was abandoned."""
+        with self._lock:
+            if self.cancelled.is_set() or time.monotonic() > self.queue_deadline:
+                self.cancelled.set()
+                raise QueueTimeout("no worker or model instance became free in time")
+            self.started_at = time.monotonic()
+
+    def abandon(self) -> bool:
+        """Stop a job that has not started; False when it already runs."""
+        with self._lock:
+            if self.started_at is not None:
+                return False
+            self.cancelled.set()
+            return True
+
+    def cancel(self) -> None:
+        """Ask running work to stop at its next check (timeout, client gone, shutdown)."""
+        self.cancelled.set()
+
+    def check(self) -> None:
+        """Raise when the work should stop: GenerationTimeout past the deadline or cancelled."""
+        if self.started_at is not None and time.monotonic() > self.generation_deadline:
+            self.cancelled.set()
+            raise GenerationTimeout(f"generation exceeded REQUEST_TIMEOUT ({self.request_timeout:g} s)")
+        if self.cancelled.is_set():
+            raise JobCancelled()
+
+
+class JobCancelled(Exception):
+    """The job was cancelled by its caller (client gone or caller timed out)."""
+
+
+@dataclass(frozen=True)
+class ConcurrencySnapshot:
+    max_concurrent_requests: int
+    max_workers: int
+    queue_timeout: float
+    request_timeout: float
+    in_flight: int
+    active: int
+    queued: int
+    completed: int
+    failed: int
+    rejected: int
+    timed_out: int
+    queue_timed_out: int
+    cancelled: int
+    draining: bool
+
+
+class ConcurrencyManager:
+    """Admits, queues and runs jobs; counts what happened to them."""
+
+    def __init__(self, max_concurrent: int, max_workers: int, queue_timeout: float,
+                 request_timeout: float):
+        self.max_concurrent = max_concurrent
+        self.max_workers = max_workers
+        self.queue_timeout = queue_timeout
+        self.request_timeout = request_timeout
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._in_flight = 0
+        self._active = 0
+        self._counts = dict(completed=0, failed=0, rejected=0, timed_out=0, queue_timed_out=0,
+                            cancelled=0)
+        self._recent_seconds: deque[float] = deque(maxlen=50)
+        self._draining = False
+
+    def submit(self, work: Callable[[Job], Any]) -> Job:
+        """Admit `work(job)` and queue it on a worker.
+
+        :raise TooBusy: MAX_CONCURRENT_REQUESTS jobs are already in flight (HTTP 429).
+        :raise ShuttingDown: the server is draining after SIGTERM (HTTP 503).
+        """
+        with self._lock:
+            if self._draining:
+                raise ShuttingDown("the server is shutting down")
+            if self._in_flight >= self.max_concurrent:
+                self._counts["rejected"] += 1
+                raise TooBusy(f"{self._in_flight} requests in flight (MAX_CONCURRENT_REQUESTS="
+                              f"{self.max_concurrent}); retry shortly", retry_after=self._retry_after())
+            self._in_flight += 1
+        job = Job(self.queue_timeout, self.request_timeout)
+        job.future = self._executor.submit(self._run, job, work)
+        return job
+
+    def _run(self, job: Job, work: Callable[[Job], Any]) -> Any:
+        with self._lock:
+            self._active += 1
+        outcome = "failed"
+        try:
+            result = work(job)
+            outcome = "completed"
+            return result
+        except GenerationTimeout:
+            outcome = "timed_out"
+            raise
+        except QueueTimeout:
+            outcome = "queue_timed_out"
+            raise
+        except JobCancelled:
+            outcome = "cancelled"
+            raise
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._in_flight -= 1
+                self._counts[outcome] += 1
+                if job.started_at is not None:
+                    self._recent_seconds.append(time.monotonic() - job.started_at)
+                self._idle.notify_all()
+
+    def _retry_after(self) -> int:
+        """Seconds a refused client should wait: the recent mean job time, at least 1."""
+        if not self._recent_seconds:
+            return 1
+        return max(1, round(sum(self._recent_seconds) / len(self._recent_seconds)))
+
+    def snapshot(self) -> ConcurrencySnapshot:
+        with self._lock:
+            return ConcurrencySnapshot(
+                max_concurrent_requests=self.max_concurrent, max_workers=self.max_workers,
+                queue_timeout=self.queue_timeout, request_timeout=self.request_timeout,
+                in_flight=self._in_flight, active=self._active,
+                queued=self._in_flight - self._active, draining=self._draining, **self._counts)
+
+    def drain(self, timeout: float) -> bool:
+        """Stop admitting and wait up to `timeout` s for in-flight jobs; True when all finished."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            self._draining = True
+            while self._in_flight:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+    def shutdown(self) -> None:
+        """Stop the workers (after `drain`); queued jobs that never started are dropped."""
+        with self._lock:
+            self._draining = True
+        self._executor.shutdown(wait=False, cancel_futures=True)

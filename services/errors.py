@@ -1,0 +1,78 @@
+"""The domain's one error hierarchy.
+
+Services raise these; `api/errors.py` maps each class to an HTTP status in one table. Nothing
+here knows about HTTP, so the same errors can later be rendered in OpenAI's or Ollama's shape.
+"""
+
+
+class BackendError(Exception):
+    """Base of every error a client may see; `code` is the stable snake_case identifier."""
+
+    code = "backend_error"
+
+    def __init__(self, message: str, **details):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+
+class InvalidRequest(BackendError):
+    code = "invalid_request"
+
+
+class ContextOverflow(InvalidRequest):
+    """The prompt plus the requested completion do not fit the model's context window."""
+
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(BackendError):
+    code = "model_not_found"
+
+
+class ModelConflict(BackendError):
+    code = "model_conflict"
+
+
+class PayloadTooLarge(BackendError):
+    code = "payload_too_large"
+
+
+class Unauthorized(BackendError):
+    code = "unauthorized"
+
+
+class TooBusy(BackendError):
+    """Admission refused: MAX_CONCURRENT_REQUESTS are already in flight."""
+
+    code = "too_many_requests"
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class QueueTimeout(BackendError):
+    """Admitted, but no worker or model instance became free within QUEUE_TIMEOUT."""
+
+    code = "queue_timeout"
+
+
+class ShuttingDown(BackendError):
+    code = "shutting_down"
+
+
+class GenerationTimeout(BackendError):
+    """The generation ran past REQUEST_TIMEOUT and was stopped."""
+
+    code = "generation_timeout"
+
+
+class ModelLoadError(BackendError):
+    """llama.cpp could not load a model file that is on disk (a server-side problem)."""
+
+    code = "model_load_failed"
+
+
+class ConfigError(Exception):
+    """A setting has an invalid value; raised at start-up, never during a request."""

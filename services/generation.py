@@ -1,0 +1,101 @@
+"""The token loop over one llama.cpp instance.
+
+`Llama.create_completion(stream=True)` reports no token counts and can only be stopped between
+the chunks it chooses to emit, so the loop here drives `Llama.generate` itself: every sampled
+token passes a stop check (timeout, client gone) and is counted exactly.
+"""
+
+from __future__ import annotations
+
+import codecs
+import secrets
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import llama_cpp
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    repeat_penalty: float = 1.1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class TokenLoopResult:
+    """Filled in by `stream_tokens` as it runs; final once the iterator is exhausted."""
+
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    pieces: list[str] = field(default_factory=list)
+
+
+def tokenize(llm: llama_cpp.Llama, text: str) -> list[int]:
+    """The model's own tokens for a prompt, with BOS, special tokens parsed as in a template."""
+    return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+
+
+def stream_tokens(llm: llama_cpp.Llama, prompt_tokens: Sequence[int], params: SamplingParams,
+                  check: Callable[[], None], result: TokenLoopResult) -> Iterator[str]:
+    """Yield text pieces as tokens are sampled; `check()` runs before each token and may raise.
+
+    Stop strings are matched across token boundaries: text that could be the start of a stop
+    string is held back until it is known not to be one.
+    """
+    if params.seed is not None:
+        # Reusing the cached prompt prefix changes the logits in the last bits, enough to change
+        # a sample: a seeded request evaluates its prompt afresh so it is reproducible.
+        llm.reset()
+    llm.set_seed(params.seed if params.seed is not None else secrets.randbits(31))
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    room = llm.n_ctx() - len(prompt_tokens)
+    limit = min(params.max_tokens, room)
+    held = ""
+    check()
+    tokens = llm.generate(list(prompt_tokens), temp=params.temperature, top_p=params.top_p,
+                          top_k=params.top_k, repeat_penalty=params.repeat_penalty)
+    try:
+        for token in tokens:
+            if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
+                result.finish_reason = "stop"
+                break
+            result.completion_tokens += 1
+            held += decoder.decode(llm.detokenize([token]))
+            ready, held, stopped = split_at_stop(held, params.stop)
+            if ready:
+                result.pieces.append(ready)
+                yield ready
+            if stopped:
+                result.finish_reason = "stop"
+                return
+            if result.completion_tokens >= limit:
+                result.finish_reason = "length"
+                break
+            check()
+    finally:
+        tokens.close()
+    tail = held + decoder.decode(b"", final=True)
+    if tail:
+        result.pieces.append(tail)
+        yield tail
+
+
+def split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:
+    """Split pending text into (safe to send, to hold back, a stop string was reached)."""
+    if not stops:
+        return text, "", False
+    hits = [text.index(stop) for stop in stops if stop in text]
+    if hits:
+        return text[: min(hits)], "", True
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:size]):
+                hold = size
+                break
+    return text[: len(text) - hold], text[len(text) - hold:], False
