@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 
@@ -31,6 +32,9 @@ def main() -> int:
     app = create_app(config)
     backend = app.extensions["llm"]
     server = make_server(config.HOST, config.PORT, app, threaded=True)
+    # Streamed tokens are small writes; without TCP_NODELAY, Nagle's algorithm holds each one
+    # until the client's delayed ACK (~40 ms). Accepted sockets inherit the option on Linux.
+    server.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # Request threads are joined at server_close(), so no reply is cut off at exit.
     server.daemon_threads = False
 

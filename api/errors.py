@@ -48,10 +48,18 @@ def error_payload(error: BaseException) -> dict:
 def register_error_handlers(app: Flask) -> None:
     """JSON for every error: domain errors, Flask's own 4xx/5xx, and anything unexpected."""
 
+    errors_log = app.extensions["llm"].loggers.errors
+
+    def log_failure(error: BaseException) -> None:
+        errors_log.error("request failed", exc_info=error,
+                         extra={"fields": {"request_id": g.get("request_id"), "error": repr(error)}})
+
     @app.errorhandler(e.BackendError)
     def backend_error(error: e.BackendError):
         response = jsonify(error_payload(error))
         response.status_code = status_for(error)
+        if response.status_code >= 500 and not isinstance(error, (e.QueueTimeout, e.ShuttingDown)):
+            log_failure(error)
         if isinstance(error, e.TooBusy):
             response.headers["Retry-After"] = str(error.retry_after)
         if isinstance(error, e.Unauthorized):
@@ -68,9 +76,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def unexpected_error(error: Exception):
-        app.extensions["llm"].loggers.errors.error(
-            "unhandled error", exc_info=error,
-            extra={"fields": {"request_id": g.get("request_id"), "error": repr(error)}})
+        log_failure(error)
         response = jsonify(error_payload(error))
         response.status_code = 500
         return response

@@ -21,14 +21,16 @@ from services.errors import GenerationTimeout, QueueTimeout, ShuttingDown, TooBu
 class Job:
     """One admitted unit of work: its deadlines and the flags that stop it.
 
-    `start()` (called by the work once it holds a model instance) and `abandon()` (called by a
-    caller that stopped waiting) race under one lock, so exactly one of them wins.
+    The work calls `reserve()` the moment a model instance is set aside for it, which ends its
+    time in the queue (loading a model is work, not queueing). A caller that stopped waiting
+    calls `abandon()`. Both take one lock, so exactly one of them wins.
     """
 
     def __init__(self, queue_timeout: float, request_timeout: float):
         self.admitted_at = time.monotonic()
         self.queue_deadline = self.admitted_at + queue_timeout
         self.request_timeout = request_timeout
+        self.reserved_at: float | None = None
         self.started_at: float | None = None
         self.cancelled = threading.Event()
         self._lock = threading.Lock()
@@ -36,24 +38,30 @@ class Job:
 
     @property
     def queue_seconds(self) -> float:
-        return (self.started_at or time.monotonic()) - self.admitted_at
+        return (self.reserved_at or time.monotonic()) - self.admitted_at
 
     @property
-    def generation_deadline(self) -> float:
-        return (self.started_at or time.monotonic()) + self.request_timeout
+    def deadline(self) -> float:
+        """When the caller stops waiting: the queue deadline, then REQUEST_TIMEOUT after that."""
+        if self.reserved_at is None:
+            return self.queue_deadline
+        return (self.started_at or self.reserved_at) + self.request_timeout
+
+    def reserve(self) -> None:
+        """End the queue wait; raise QueueTimeout if the caller already gave up."""
+        with self._lock:
+            if self.cancelled.is_set():
+                raise QueueTimeout("no worker or model instance became free in time")
+            self.reserved_at = time.monotonic()
 
     def start(self) -> None:
-        """Mark the job as running; raise QueueTimeout if it waited too long or was abandoned."""
-        with self._lock:
-            if self.cancelled.is_set() or time.monotonic() > self.queue_deadline:
-                self.cancelled.set()
-                raise QueueTimeout("no worker or model instance became free in time")
-            self.started_at = time.monotonic()
+        """Mark the generation proper as begun (after loading and tokenizing)."""
+        self.started_at = time.monotonic()
 
     def abandon(self) -> bool:
-        """Stop a job that has not started; False when it already runs."""
+        """Stop a job still waiting in the queue; False when it already holds an instance."""
         with self._lock:
-            if self.started_at is not None:
+            if self.reserved_at is not None:
                 return False
             self.cancelled.set()
             return True
@@ -64,7 +72,7 @@ class Job:
 
     def check(self) -> None:
         """Raise when the work should stop: GenerationTimeout past the deadline or cancelled."""
-        if self.started_at is not None and time.monotonic() > self.generation_deadline:
+        if self.started_at is not None and time.monotonic() > self.deadline:
             self.cancelled.set()
             raise GenerationTimeout(f"generation exceeded REQUEST_TIMEOUT ({self.request_timeout:g} s)")
         if self.cancelled.is_set():

@@ -139,7 +139,7 @@ class LLMService:
         prompt_tokens, ok, generation_seconds = 0, False, 0.0
         try:
             with self.pool.checkout(model.name, model.path, job.queue_deadline,
-                                    job.cancelled) as instance:
+                                    job.reserve) as instance:
                 llm = instance.client
                 tokens = tokenize(llm, prompt)
                 prompt_tokens = len(tokens)
@@ -167,14 +167,12 @@ class LLMService:
     def _next_event(self, job: Job, events: queue.Queue) -> Started | Token | Finished:
         """The job's next event; raises the job's error, or a timeout if the worker is late."""
         while True:
-            waiting = job.started_at is None
-            deadline = job.queue_deadline if waiting else job.generation_deadline
             try:
-                event = events.get(timeout=max(0.0, deadline - time.monotonic() + _GRACE_SECONDS))
+                event = events.get(timeout=max(0.0, job.deadline - time.monotonic() + _GRACE_SECONDS))
             except queue.Empty:
-                if waiting:
-                    if job.abandon():
-                        raise QueueTimeout("no worker became free within QUEUE_TIMEOUT")
+                if job.abandon():
+                    raise QueueTimeout("no worker became free within QUEUE_TIMEOUT")
+                if job.reserved_at is not None and time.monotonic() < job.deadline:
                     continue
                 job.cancel()
                 raise GenerationTimeout("generation exceeded REQUEST_TIMEOUT")

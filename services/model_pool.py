@@ -92,35 +92,39 @@ class ModelPool:
 
     @contextmanager
     def checkout(self, name: str, path: str, deadline: float,
-                 cancelled: threading.Event | None = None) -> Iterator[Any]:
+                 on_reserve: Callable[[], None] = lambda: None) -> Iterator[Any]:
         """Lend an instance of `name` (loaded from `path`) until the block ends.
 
-        :raise QueueTimeout: none became free before `deadline` (time.monotonic) or cancelled.
+        `on_reserve` runs (pool lock held; lock order: pool, then the caller's) once an idle
+        instance or a free slot is found, before anything is taken; it may raise to refuse.
+        :raise QueueTimeout: none became free before `deadline` (time.monotonic).
         :raise ModelLoadError: llama.cpp could not load the file.
         """
-        slot, instance = self._acquire(name, path, deadline, cancelled)
+        slot, instance = self._acquire(name, path, deadline, on_reserve)
         try:
             yield instance
         finally:
             self._release(name, slot, instance)
 
     def _acquire(self, name: str, path: str, deadline: float,
-                 cancelled: threading.Event | None) -> tuple[_Slot, Any]:
+                 on_reserve: Callable[[], None]) -> tuple[_Slot, Any]:
         with self._changed:
             while True:
                 if self._closed:
                     raise ShuttingDown("the model pool is closed")
                 slot = self._current_slot(name, path)
                 if slot.idle:
+                    on_reserve()
                     instance = slot.idle.pop()
                     slot.busy.append(instance)
                     slot.last_used = time.time()
                     return slot, instance
                 if slot.size < self.size:
+                    on_reserve()
                     slot.loading += 1
                     break
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or (cancelled is not None and cancelled.is_set()):
+                if remaining <= 0:
                     raise QueueTimeout(f"all {self.size} instances of {name} stayed busy")
                 self._changed.wait(min(remaining, 0.25))
         return slot, self._load_into(slot, name, path)

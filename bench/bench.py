@@ -1,0 +1,269 @@
+"""Throughput and latency benchmark: the HTTP server against llama.cpp called in-process.
+
+One run starts `main.py` (or uses --url), measures single-request speed, time to first token and
+aggregate throughput at 1, 4 and 8 concurrent clients over HTTP, then runs the same prompt through
+`llama_cpp.Llama` directly. The gap between the direct row and the HTTP rows is what the server
+(Flask, queueing, pooling, JSON/SSE) costs. Not a test: it asserts nothing, it prints a table.
+
+    .venv/bin/python bench/bench.py --max-tokens 64 --requests 3 [--json results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCY = (1, 4, 8)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("--requests", type=int, default=3, help="requests per client (default 3)")
+    p.add_argument("--prompt", default="Write a short story about a lighthouse keeper.")
+    p.add_argument("--model-path", default="models/gemma-3-270m-q4_k_m.gguf")
+    p.add_argument("--threads", type=int, help="llama.cpp threads for the direct run (default "
+                   "max(1, cores // 2)); when given, also sent to the started server as N_THREADS")
+    p.add_argument("--url", help="benchmark this running server instead of starting one")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra setting for the started server, e.g. --env MODEL_POOL_SIZE=2")
+    p.add_argument("--json", help="also write the results to this file")
+    return p.parse_args()
+
+
+def free_port() -> int:
+    """Let the OS pick a port so parallel runs and a running dev server do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: argparse.Namespace, log_file) -> tuple[subprocess.Popen, str]:
+    """Start main.py on a free port; logs go to a temp dir so the repo's logs/ stays untouched."""
+    port = free_port()
+    env = {**os.environ, "PORT": str(port), "HOST": "127.0.0.1", "APP_ENV": "development"}
+    env.setdefault("LOG_DIR", tempfile.mkdtemp(prefix="bench-logs-"))
+    if args.threads:
+        env["N_THREADS"] = str(args.threads)
+    env.update(item.split("=", 1) for item in args.env)
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/python"), "main.py"], cwd=ROOT, env=env,
+                            stdout=log_file, stderr=subprocess.STDOUT)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float = 120) -> None:
+    """Poll GET /health until 200; fail fast if the server process has already exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before /health")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"/health did not answer 200 within {timeout:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM lets the server drain; kill only if it ignores that for 30 s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def http_request(session: requests.Session, url: str, body: dict, stream: bool) -> dict:
+    """One generate call. Streamed: TTFT is taken at the first token event; tokens and server
+    timings come from the final `done` event. Any failure is recorded, never raised, so one
+    429 does not abort a concurrent run."""
+    start = time.perf_counter()
+    out = {"status": None, "tokens": 0, "wall": 0.0, "ttft": None, "server_tps": None}
+    try:
+        with session.post(f"{url}/api/v1/generate", json={**body, "stream": stream},
+                          stream=stream, timeout=600) as reply:
+            out["status"] = reply.status_code
+            if reply.status_code != 200:
+                return out
+            data = {} if stream else reply.json()
+            if stream:
+                for line in reply.iter_lines(chunk_size=64):
+                    if not line.startswith(b"data:"):
+                        continue
+                    event = json.loads(line[5:])
+                    if "token" in event and out["ttft"] is None:
+                        out["ttft"] = time.perf_counter() - start
+                    elif "error" in event:
+                        out["status"] = f"stream error {event['error'].get('code')}"
+                    elif event.get("done"):
+                        data = event
+            out["tokens"] = data.get("usage", {}).get("completion_tokens", 0)
+            out["server_tps"] = data.get("timings", {}).get("tokens_per_second")
+    except requests.RequestException as exc:
+        out["status"] = type(exc).__name__
+    out["wall"] = time.perf_counter() - start
+    return out
+
+
+def summarize(name: str, results: list[dict], wall: float) -> dict:
+    """One table row: aggregate tok/s is total tokens over the wall time of the whole scenario."""
+    ok = [r for r in results if r["status"] == 200]
+    tokens = sum(r["tokens"] for r in ok)
+    ttfts = [r["ttft"] * 1000 for r in ok if r["ttft"] is not None]
+    server = [r["server_tps"] for r in ok if r["server_tps"]]
+    return {"scenario": name, "requests": len(results), "errors": len(results) - len(ok),
+            "statuses": dict(Counter(str(r["status"]) for r in results if r["status"] != 200)),
+            "tokens": tokens, "wall_s": round(wall, 3),
+            "tok_s": round(tokens / wall, 1) if wall > 0 else None,
+            "server_tok_s": round(statistics.mean(server), 1) if server else None,
+            "ttft_ms_p50": round(statistics.median(ttfts), 1) if ttfts else None}
+
+
+def run_clients(url: str, body: dict, clients: int, per_client: int, stream: bool) -> tuple:
+    """`clients` threads, each sending `per_client` requests back to back on its own session."""
+    results: list[dict] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients + 1)
+
+    def client() -> None:
+        with requests.Session() as session:
+            barrier.wait()
+            for _ in range(per_client):
+                r = http_request(session, url, body, stream)
+                with lock:
+                    results.append(r)
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    start = time.perf_counter()
+    for t in threads:
+        t.join()
+    return results, time.perf_counter() - start
+
+
+def bench_http(url: str, args: argparse.Namespace) -> list[dict]:
+    """Warm up, then the single-request rows and the concurrent rows."""
+    body = {"prompt": args.prompt, "max_tokens": args.max_tokens, "temperature": 0, "seed": 1,
+            "model": Path(args.model_path).name}
+    small = {**body, "max_tokens": 1}
+    with requests.Session() as s:
+        warm = http_request(s, url, small, stream=False)
+    if warm["status"] != 200:
+        raise RuntimeError(f"warm-up request failed: {warm['status']}")
+    # Pool instances load lazily: fill the pool now so no row pays for loading a model.
+    run_clients(url, small, max(CONCURRENCY), 1, stream=False)
+
+    rows = []
+    results, wall = run_clients(url, body, 1, args.requests, stream=False)
+    single = summarize("HTTP single", results, wall)
+    ttft_runs, _ = run_clients(url, body, 1, args.requests, stream=True)
+    single["ttft_ms_p50"] = summarize("", ttft_runs, 1)["ttft_ms_p50"]
+    single["errors"] += sum(r["status"] != 200 for r in ttft_runs)
+    rows.append(single)
+    for n in CONCURRENCY:
+        results, wall = run_clients(url, body, n, args.requests, stream=True)
+        rows.append(summarize(f"HTTP {n} client{'s' * (n > 1)}", results, wall))
+    return rows
+
+
+def bench_direct(args: argparse.Namespace, threads: int) -> dict:
+    """The same prompt through llama_cpp in-process, built like a server pool instance.
+
+    tok/s comes from non-streamed calls (exact usage counts), TTFT from streamed ones.
+    repeat_penalty=1.1 matches the server's default so both generate the same tokens.
+    """
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(ROOT / args.model_path), n_ctx=4096, n_batch=512,
+                n_threads=threads, n_threads_batch=threads, verbose=False)
+    kw = {"temperature": 0, "seed": 1, "repeat_penalty": 1.1}
+    llm.create_completion(args.prompt, max_tokens=1, **kw)  # warm-up
+    results, total_wall = [], 0.0
+    for _ in range(args.requests):
+        start = time.perf_counter()
+        reply = llm.create_completion(args.prompt, max_tokens=args.max_tokens, **kw)
+        wall = time.perf_counter() - start
+        total_wall += wall
+        start, ttft = time.perf_counter(), None
+        for chunk in llm.create_completion(args.prompt, max_tokens=args.max_tokens, stream=True,
+                                           **kw):
+            if ttft is None and chunk["choices"][0]["text"]:
+                ttft = time.perf_counter() - start
+        results.append({"status": 200, "tokens": reply["usage"]["completion_tokens"],
+                        "wall": wall, "ttft": ttft, "server_tps": None})
+    llm.close()
+    return summarize(f"direct llama_cpp ({threads} thread{'s' * (threads > 1)})", results,
+                     total_wall)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Plain aligned columns; '-' where a value does not apply."""
+    cols = [("scenario", "scenario", "<28"), ("requests", "requests", ">8"),
+            ("errors", "errors", ">6"), ("tokens", "tokens", ">6"), ("tok/s", "tok_s", ">7"),
+            ("server tok/s", "server_tok_s", ">12"), ("TTFT ms (p50)", "ttft_ms_p50", ">13")]
+    print("  ".join(f"{title:{fmt}}" for title, _, fmt in cols))
+    for row in rows:
+        print("  ".join(f"{'-' if row[key] is None else row[key]:{fmt}}" for _, key, fmt in cols))
+    for row in rows:
+        if row["statuses"]:
+            print(f"  {row['scenario']}: non-200 replies {row['statuses']}")
+
+
+def main() -> int:
+    args = parse_args()
+    threads = args.threads or max(1, (os.cpu_count() or 1) // 2)
+    rows, problems, proc = [], [], None
+    log_file = tempfile.NamedTemporaryFile("w+", prefix="bench-server-", delete=False)
+    try:
+        url = args.url.rstrip("/") if args.url else None
+        if url is None:
+            proc, url = start_server(args, log_file)
+        wait_healthy(url, proc)
+        rows += bench_http(url, args)
+    except Exception as exc:  # still run the direct row, and say what broke
+        problems.append(f"HTTP benchmark failed: {exc}")
+    finally:
+        if proc is not None:
+            stop_server(proc)
+    if problems and proc is not None:
+        log_file.seek(0)
+        tail = log_file.read()[-3000:]
+        problems.append(f"server output ({log_file.name}), last lines:\n{tail}")
+    log_file.close()
+    if not problems:
+        os.unlink(log_file.name)
+    rows.insert(0, bench_direct(args, threads))
+
+    print(f"\nprompt={args.prompt!r} max_tokens={args.max_tokens} requests/client={args.requests}"
+          f" cores={os.cpu_count()}")
+    print_table(rows)
+    for problem in problems:
+        print(f"\nPROBLEM: {problem}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "threads": threads,
+                                               "rows": rows, "problems": problems}, indent=2))
+    return 1 if problems or any(r["errors"] for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
