@@ -13,7 +13,7 @@ run: $(RUNTIME) model
 test: $(DEV) model
 	$(PY) -m pytest
 
-bench: $(RUNTIME) model
+bench: $(DEV) model
 	$(PY) bench/bench.py
 
 model: $(RUNTIME)

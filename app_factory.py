@@ -37,6 +37,7 @@ class Backend:
 
     def close(self) -> None:
         self.concurrency.shutdown()
+        self.models.close()
         self.pool.close()
         self.loggers.close()
 

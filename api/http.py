@@ -36,8 +36,14 @@ def sse_response(events: Iterable[dict]) -> Response:
     """A text/event-stream response: one `data: <json>` event per dict."""
 
     def encode() -> Iterator[str]:
-        for event in events:
-            yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        try:
+            for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        finally:
+            # The server closes this iterator when the client goes away; pass that on at once.
+            close = getattr(events, "close", None)
+            if close is not None:
+                close()
 
     response = Response(encode(), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-cache"

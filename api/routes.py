@@ -70,6 +70,9 @@ def _sse_events(stream: GenerationStream, request_id: str, fields: dict,
                 yield {"done": True, "request_id": request_id, **done}
             else:
                 yield {"token": event.text}
+    except GeneratorExit:
+        fields["error"] = "client_disconnected"
+        raise
     except Exception as exc:
         payload = error_payload(exc)
         fields["error"] = payload["error"]["code"]
@@ -77,6 +80,8 @@ def _sse_events(stream: GenerationStream, request_id: str, fields: dict,
             errors_log.error("stream failed", exc_info=exc,
                              extra={"fields": {"request_id": request_id, "error": repr(exc)}})
         yield payload
+    finally:
+        stream.close()
 
 
 @bp.get("/models")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from models.gguf_header import GGUFHeaderError, read_metadata
@@ -57,6 +58,8 @@ class ModelManager:
         self.default_model = default_model
         self._cache: dict[str, tuple[tuple[int, int], ModelFile]] = {}
         self._lock = threading.Lock()
+        self._hashing: set[str] = set()
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 
     def list(self) -> list[ModelFile]:
         """Every readable GGUF file in the directory, sorted by name."""
@@ -88,15 +91,33 @@ class ModelManager:
         return model
 
     def with_sha256(self, model: ModelFile) -> ModelFile:
-        """The same model with its sha256, hashed once per file version."""
+        """The model with its sha256 when known; otherwise hashing starts in the background.
+
+        Hashing a multi-gigabyte file takes many seconds, too long to hold up a listing: until
+        it is done the listing shows `sha256: null`.
+        """
         if model.sha256 is not None:
             return model
-        hashed = ModelFile(**{**asdict(model), "sha256": sha256_of(Path(model.path))})
         with self._lock:
-            stamp, _ = self._cache.get(model.path, (None, None))
-            if stamp is not None:
-                self._cache[model.path] = (stamp, hashed)
-        return hashed
+            if model.path not in self._hashing:
+                self._hashing.add(model.path)
+                self._hasher.submit(self._hash, model)
+        return model
+
+    def _hash(self, model: ModelFile) -> None:
+        try:
+            digest = sha256_of(Path(model.path))
+        except OSError:
+            digest = None
+        with self._lock:
+            self._hashing.discard(model.path)
+            stamp, cached = self._cache.get(model.path, (None, None))
+            if digest and cached is not None and cached.size_bytes == model.size_bytes:
+                self._cache[model.path] = (stamp, replace(cached, sha256=digest))
+
+    def close(self) -> None:
+        """Stop background hashing (a running hash finishes; queued ones are dropped)."""
+        self._hasher.shutdown(wait=False, cancel_futures=True)
 
     def _describe(self, path: Path) -> ModelFile | None:
         try:

@@ -83,6 +83,10 @@ class JobCancelled(Exception):
     """The job was cancelled by its caller (client gone or caller timed out)."""
 
 
+_OUTCOMES = {GenerationTimeout: "timed_out", QueueTimeout: "queue_timed_out",
+             JobCancelled: "cancelled"}
+
+
 @dataclass(frozen=True)
 class ConcurrencySnapshot:
     max_concurrent_requests: int
@@ -146,14 +150,8 @@ class ConcurrencyManager:
             result = work(job)
             outcome = "completed"
             return result
-        except GenerationTimeout:
-            outcome = "timed_out"
-            raise
-        except QueueTimeout:
-            outcome = "queue_timed_out"
-            raise
-        except JobCancelled:
-            outcome = "cancelled"
+        except (GenerationTimeout, QueueTimeout, JobCancelled) as exc:
+            outcome = _OUTCOMES[type(exc)]
             raise
         finally:
             with self._idle:

@@ -87,7 +87,11 @@ class GenerationStream:
                 if isinstance(event, Finished):
                     return
         finally:
-            self._job.cancel()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the generation if it still runs (the client went away); its instance returns."""
+        self._job.cancel()
 
 
 class LLMService:

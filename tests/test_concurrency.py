@@ -67,6 +67,8 @@ def test_a_client_that_drops_a_stream_frees_its_instance(live):
     assert next(iter(usage.values()))["completion_tokens"] < 800
     again = server.generate(prompt="Hello", max_tokens=4)
     assert again.status_code == 200
+    logged = server.logged_request(reply.headers["X-Request-ID"])
+    assert logged["error"] == "client_disconnected" and logged["status"] == 200
 
 
 def test_request_timeout_gives_504_and_stops_the_generation(live):
