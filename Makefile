@@ -5,12 +5,12 @@ PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
 
-.PHONY: run test bench model clean
+.PHONY: run test bench model browser clean
 
 run: $(RUNTIME) model
 	$(PY) main.py
 
-test: $(DEV) model
+test: $(DEV) model browser
 	$(PY) -m pytest
 
 bench: $(DEV) model
@@ -18,6 +18,17 @@ bench: $(DEV) model
 
 model: $(RUNTIME)
 	@$(PY) scripts/install_model.py
+
+# The dashboard test drives headless Chromium (over the DevTools protocol: no chromedriver).
+# Installed here when missing and we are root with apt-get; otherwise that one test skips.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo ">>> installing chromium for the dashboard test"; \
+	  { apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || echo ">>> could not install chromium: the dashboard test will skip"; \
+	else echo ">>> no chromium and no root apt-get: the dashboard test will skip"; fi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

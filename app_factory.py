@@ -6,6 +6,7 @@ so tests can build many apps side by side with different settings.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -14,10 +15,18 @@ from flask import Flask
 from flask_cors import CORS
 
 from config import Config, load_config
-from models.model_manager import ModelManager
+from DeepSeekLLM.deepseek_service import DeepSeekService, build_deepseek
+from models.model_manager import ModelManager, probe_in_subprocess
 from services.concurrency_manager import ConcurrencyManager
+from services.embeddings import EmbeddingService, embedding_loader
 from services.llm_service import LLMService
+from services.memory import MemoryGuard
+from services.model_admin import ModelAdmin
 from services.model_pool import InstanceSettings, Loader, ModelPool, llamacpp_loader
+from services.cache_report import ModelCache, PoolCache, registry_estimate
+from services.load_meter import LoadMeter
+from services.metrics import build_registry
+from services.request_stats import RequestCounts
 from services.stats import UsageStats
 from utils.logger import AppLoggers, configure_logging
 
@@ -29,15 +38,27 @@ class Backend:
     config: Config
     loggers: AppLoggers
     models: ModelManager
+    model_admin: ModelAdmin
     pool: ModelPool
     concurrency: ConcurrencyManager
     stats: UsageStats
     llm: LLMService
     started_at: float = field(default_factory=time.monotonic)
+    # Observability: API request counts, model load timings, the model caches /cache/status
+    # reports (a DeepSeek cache appends itself), and this app's own Prometheus registry.
+    requests: RequestCounts = field(default_factory=RequestCounts)
+    load_meter: LoadMeter = field(default_factory=LoadMeter)
+    caches: list[ModelCache] = field(default_factory=list)
+    metrics: Any = None
+    deepseek: DeepSeekService | None = None
+    embeddings: EmbeddingService | None = None     # the OpenAI and Ollama embedding endpoints
 
     def close(self) -> None:
         self.concurrency.shutdown()
-        self.models.close()
+        if self.deepseek is not None:
+            self.deepseek.close()
+        for manager in self.model_admin.managers.values():
+            manager.close()
         self.pool.close()
         self.loggers.close()
 
@@ -47,25 +68,48 @@ def build_backend(config: Config, loader: Loader | None = None) -> Backend:
     settings = InstanceSettings(n_ctx=config.N_CTX, n_batch=config.N_BATCH,
                                 n_threads=config.threads_per_instance,
                                 n_gpu_layers=config.N_GPU_LAYERS)
-    models = ModelManager(config.MODELS_DIR, "gguf", config.DEFAULT_MODEL)
-    pool = ModelPool(config.MODEL_POOL_SIZE, loader or llamacpp_loader(settings))
+    probe = functools.partial(probe_in_subprocess, timeout=config.MODEL_PROBE_TIMEOUT)
+    models = ModelManager(config.MODELS_DIR, "gguf", config.DEFAULT_MODEL, probe=probe)
+    managers = {"gguf": models,
+                "deepseek": ModelManager(config.DEEPSEEK_MODELS_DIR, "deepseek", probe=probe)}
+    guard = MemoryGuard(config.MEMORY_RESERVE_BYTES)
+    meter = LoadMeter()
+    pool = ModelPool(config.MODEL_POOL_SIZE, meter.wrap(loader or llamacpp_loader(settings)),
+                     guard.check)
     concurrency = ConcurrencyManager(config.MAX_CONCURRENT_REQUESTS, config.MAX_WORKERS,
                                      config.QUEUE_TIMEOUT, config.REQUEST_TIMEOUT)
     stats = UsageStats()
-    return Backend(
+    backend = Backend(
         config=config,
         loggers=configure_logging(config.LOG_DIR, config.LOG_MAX_BYTES, config.LOG_BACKUP_COUNT),
-        models=models, pool=pool, concurrency=concurrency, stats=stats,
-        llm=LLMService(models, pool, concurrency, stats, config.N_CTX))
+        models=models, model_admin=ModelAdmin(managers, pool, guard, config.N_CTX), pool=pool,
+        concurrency=concurrency, stats=stats,
+        llm=LLMService(models, pool, concurrency, stats, config.N_CTX), load_meter=meter)
+    backend.caches.append(PoolCache("pool", pool, meter,
+                                    registry_estimate(managers.values(), config.N_CTX)))
+    backend.deepseek = build_deepseek(config, backend.model_admin, backend.llm)
+    backend.embeddings = EmbeddingService(models, pool, concurrency, stats,
+                                          meter.wrap(embedding_loader(settings, config.N_CTX)),
+                                          config.N_CTX)
+    backend.caches.append(backend.deepseek.cache)
+    backend.metrics = build_registry(backend)
+    return backend
 
 
 def register_blueprints(app: Flask) -> None:
     """The route table; it matches the HTTP contract in DESIGN.md."""
-    from api import docs, monitoring, routes
+    from api import docs, models_api, monitoring, ollama_routes, openai_routes, routes
+    from DeepSeekLLM import deepseek_routes
 
     app.register_blueprint(docs.bp)                                  # GET /
-    app.register_blueprint(routes.bp, url_prefix="/api/v1")          # generate, models, health
+    app.register_blueprint(routes.bp, url_prefix="/api/v1")          # generate, health
+    app.register_blueprint(models_api.bp, url_prefix="/api/v1")      # models, system
+    app.register_blueprint(deepseek_routes.bp, url_prefix="/api/deepseek")  # models, generate
     app.register_blueprint(monitoring.bp)                            # /health, /stats, /cache
+    app.register_blueprint(openai_routes.bp, url_prefix="/v1")       # OpenAI: models, completions,
+                                                                     # chat/completions, embeddings
+    app.register_blueprint(ollama_routes.bp, url_prefix="/api")      # Ollama: generate, chat, embed,
+                                                                     # tags, show, ps, delete, version
 
 
 def create_app(config: Config | Mapping[str, Any] | None = None, *,
@@ -74,12 +118,15 @@ def create_app(config: Config | Mapping[str, Any] | None = None, *,
 
     :raise ConfigError: a setting has an invalid value.
     """
+    from api.cli import models_cli
     from api.errors import register_error_handlers
+    from api.http import UploadRequest
     from api.middleware import register_request_hooks
 
     if not isinstance(config, Config):
         config = load_config(config)
     app = Flask(__name__)
+    app.request_class = UploadRequest
     app.config.update(
         SECRET_KEY=config.SECRET_KEY, TESTING=config.TESTING,
         MAX_CONTENT_LENGTH=config.MAX_REQUEST_BYTES,
@@ -91,4 +138,5 @@ def create_app(config: Config | Mapping[str, Any] | None = None, *,
     register_request_hooks(app)
     register_error_handlers(app)
     register_blueprints(app)
+    app.cli.add_command(models_cli)
     return app

@@ -52,6 +52,14 @@ def _csv(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in str(raw).split(",") if part.strip())
 
 
+def _bool(raw: str) -> bool:
+    """true or false"""
+    value = str(raw).strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise ValueError("must be true or false")
+    return value in ("true", "1", "yes", "on")
+
+
 def _threads(raw: str) -> int | None:
     """'auto' or an integer >= 1"""
     if str(raw).strip().lower() == "auto":
@@ -87,6 +95,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOG_LEVEL", _text, "INFO", "level of the application loggers"),
     Setting("LOG_MAX_BYTES", _int(1024), 10 * MiB, "log rotation size"),
     Setting("LOG_BACKUP_COUNT", _int(1), 5, "rotated log files kept"),
+    Setting("LOG_PROMPTS", _bool, False, "write prompts and generated text to api.log"),
     Setting("MAX_CONCURRENT_REQUESTS", _int(1), 10, "admitted (running + queued) requests"),
     Setting("MAX_WORKERS", _int(1), 4, "generation worker threads"),
     Setting("MODEL_POOL_SIZE", _int(1), 3, "llama.cpp instances per model"),
@@ -101,7 +110,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DEEPSEEK_MAX_CTX", _int(16), 32768, "largest DeepSeek context a request may ask"),
     Setting("DEEPSEEK_CHUNK_SIZE", _int(16), 4096, "large-context chunk size (tokens)"),
     Setting("DEEPSEEK_CHUNK_OVERLAP", _int(0), 256, "tokens shared by neighbouring chunks"),
+    Setting("DEEPSEEK_CACHE_SIZE", _int(1), 2, "DeepSeek models kept loaded (LRU eviction)"),
     Setting("MAX_UPLOAD_BYTES", _int(1), 64 * GiB, "largest model upload; larger gets 413"),
+    Setting("MEMORY_RESERVE_BYTES", _int(0), 512 * MiB, "memory a model load must leave free"),
+    Setting("MODEL_PROBE_TIMEOUT", _float(1), 300.0, "seconds a new model's test load may take"),
     Setting("MAX_REQUEST_BYTES", _int(1024), 16 * MiB, "largest JSON body; larger gets 413"),
     Setting("CORS_ORIGINS", _csv, None, "allowed origins (* in development, none otherwise)"),
     Setting("API_KEYS", _csv, (), "when set, `Authorization: Bearer <key>` is required"),

@@ -18,12 +18,15 @@ bp = Blueprint("docs", __name__, template_folder="templates")
 
 
 def document(params: tuple = (), example: dict | None = None, reply: Any = None,
-             stream_reply: str | None = None) -> Callable:
-    """Attach the parameter table and examples the docs page shows for a view."""
+             stream_reply: str | None = None, curl: str | None = None) -> Callable:
+    """Attach the parameter table and examples the docs page shows for a view.
+
+    `example` is a JSON body; `curl` a whole command (with `{base}`) for other bodies.
+    """
 
     def attach(view: Callable) -> Callable:
         view.api_doc = {"params": params, "example": example, "reply": reply,
-                        "stream_reply": stream_reply}
+                        "stream_reply": stream_reply, "curl": curl}
         return view
 
     return attach
@@ -33,7 +36,7 @@ def describe_endpoints(app, base_url: str) -> list[dict]:
     """One entry per (rule, method) the app serves, in the url_map's order, static files aside."""
     entries = []
     for rule in app.url_map.iter_rules():
-        if rule.endpoint == "static":
+        if rule.endpoint.rsplit(".", 1)[-1] == "static":  # the app's or a blueprint's files
             continue
         view = app.view_functions[rule.endpoint]
         meta = getattr(view, "api_doc", {})
@@ -43,7 +46,8 @@ def describe_endpoints(app, base_url: str) -> list[dict]:
             entries.append({
                 "method": method, "rule": rule.rule, "endpoint": rule.endpoint,
                 "summary": summary, "details": details.strip(), "params": meta.get("params", ()),
-                "curl": _curl(method, base_url + path, meta.get("example")),
+                "curl": meta["curl"].format(base=base_url) if meta.get("curl")
+                else _curl(method, base_url + path, meta.get("example")),
                 "reply": json.dumps(meta["reply"], indent=2, ensure_ascii=False)
                 if meta.get("reply") is not None else None,
                 "stream_reply": meta.get("stream_reply"),

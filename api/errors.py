@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Any, Callable
 
-from flask import Flask, g, jsonify
+from flask import Blueprint, Flask, current_app, g, jsonify
 from werkzeug.exceptions import HTTPException
 
 from services import errors as e
@@ -15,15 +16,21 @@ STATUS_BY_ERROR: dict[type[e.BackendError], int] = {
     e.ModelNotFound: 404,
     e.ModelConflict: 409,
     e.PayloadTooLarge: 413,
+    e.UnloadableModel: 422,
     e.TooBusy: 429,
     e.ModelLoadError: 500,
+    e.ChatTemplateError: 500,
     e.QueueTimeout: 503,
     e.ShuttingDown: 503,
     e.GenerationTimeout: 504,
+    e.InsufficientMemory: 507,
 }
 
 # Werkzeug's names, where the contract wants a different code.
 _HTTP_CODES = {413: "payload_too_large"}
+
+# Recasts `error_payload` and its status as another API's error body (OpenAI's, Ollama's).
+Shape = Callable[[dict, int], Any]
 
 
 def status_for(error: e.BackendError) -> int:
@@ -45,19 +52,38 @@ def error_payload(error: BaseException) -> dict:
                       "message": "the server failed to handle this request; see errors.log"}}
 
 
-def register_error_handlers(app: Flask) -> None:
-    """JSON for every error: domain errors, Flask's own 4xx/5xx, and anything unexpected."""
+def status_of(error: BaseException) -> int:
+    """The status any exception gets: the table's, an HTTPException's own, else 500."""
+    if isinstance(error, e.BackendError):
+        return status_for(error)
+    if isinstance(error, HTTPException):
+        return error.code or 500
+    return 500
 
-    errors_log = app.extensions["llm"].loggers.errors
+
+def register_error_handlers(app: Flask | Blueprint, shape: Shape | None = None) -> None:
+    """JSON for every error: domain errors, Flask's own 4xx/5xx, and anything unexpected.
+
+    A blueprint that speaks another API's format registers them again with its `shape`: same
+    statuses, headers and logging, that API's body.
+    """
+
+    def reply(payload: dict, status: int):
+        """The JSON error response; its code also goes on the access-log line."""
+        if "log_fields" in g:
+            g.log_fields["error"] = payload["error"]["code"]
+        response = jsonify(shape(payload, status) if shape else payload)
+        response.status_code = status
+        return response
 
     def log_failure(error: BaseException) -> None:
-        errors_log.error("request failed", exc_info=error,
-                         extra={"fields": {"request_id": g.get("request_id"), "error": repr(error)}})
+        current_app.extensions["llm"].loggers.errors.error(
+            "request failed", exc_info=error,
+            extra={"fields": {"request_id": g.get("request_id"), "error": repr(error)}})
 
     @app.errorhandler(e.BackendError)
     def backend_error(error: e.BackendError):
-        response = jsonify(error_payload(error))
-        response.status_code = status_for(error)
+        response = reply(error_payload(error), status_for(error))
         if response.status_code >= 500 and not isinstance(error, (e.QueueTimeout, e.ShuttingDown)):
             log_failure(error)
         if isinstance(error, e.TooBusy):
@@ -68,8 +94,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(error: HTTPException):
-        response = jsonify(error_payload(error))
-        response.status_code = error.code or 500
+        response = reply(error_payload(error), error.code or 500)
         if error.code == 405 and error.valid_methods:
             response.headers["Allow"] = ", ".join(error.valid_methods)
         return response
@@ -77,6 +102,4 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(Exception)
     def unexpected_error(error: Exception):
         log_failure(error)
-        response = jsonify(error_payload(error))
-        response.status_code = 500
-        return response
+        return reply(error_payload(error), 500)

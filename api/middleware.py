@@ -1,4 +1,4 @@
-"""Per-request plumbing: request id, API-key check, and the access-log line."""
+"""Per-request plumbing: request id, API-key check, the access-log line and request counts."""
 
 from __future__ import annotations
 
@@ -12,8 +12,13 @@ from flask import Flask, Response, g, request
 from services.errors import Unauthorized
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# Reachable without a key: liveness probes, the docs page and its static files, CORS preflight.
-_PUBLIC_ENDPOINTS = {"monitoring.health", "docs.index", "static"}
+# Reachable without a key: liveness probes, the docs page and its static files, CORS preflight,
+# and the dashboard page (it holds no data; the figures it polls need the key).
+_PUBLIC_ENDPOINTS = {"monitoring.health", "docs.index", "static", "monitoring.dashboard",
+                     "monitoring.static"}
+# Pages and probes that are not API traffic: logged, but not counted in /stats and /metrics,
+# where a dashboard polling every 2 s or a Prometheus scrape would drown the real requests.
+_UNCOUNTED_BLUEPRINTS = {"monitoring", "docs"}
 
 
 def _request_id() -> str:
@@ -39,6 +44,7 @@ def _check_api_key(keys: tuple[str, ...]) -> None:
 def register_request_hooks(app: Flask) -> None:
     access_log = app.extensions["llm"].loggers.access
     api_keys = app.extensions["llm"].config.API_KEYS
+    counts = app.extensions["llm"].requests
 
     @app.before_request
     def start_request() -> None:
@@ -55,11 +61,14 @@ def register_request_hooks(app: Flask) -> None:
                 "path": request.path, "route": request.url_rule.rule if request.url_rule else None,
                 "status": response.status_code, "client": request.remote_addr}
         started, fields = g.get("started", time.monotonic()), g.get("log_fields", {})
+        counted = request.blueprint not in _UNCOUNTED_BLUEPRINTS and request.endpoint != "static"
 
         def write_line() -> None:
             line["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
             line.update(fields)
             access_log.info("request", extra={"fields": line})
+            if counted:
+                counts.record(line["method"], line["route"], line["status"], fields.get("error"))
 
         response.call_on_close(write_line)
         return response

@@ -1,16 +1,22 @@
-"""Monitoring blueprint: liveness and the counters the services keep. Never queued."""
+"""Monitoring blueprint: liveness, statistics, Prometheus metrics and the live dashboard.
+
+Every view here reads counters the services keep and never goes through the concurrency
+manager, so each answers at once even when every worker is busy and the queue is full.
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import asdict
-
-from flask import Blueprint, jsonify
+from flask import Blueprint, Response, jsonify, render_template, request
 
 from api import backend
 from api.docs import document
+from services.metrics import render
+from services.reports import cache_report, concurrency_report, stats_report
 
-bp = Blueprint("monitoring", __name__)
+bp = Blueprint("monitoring", __name__, template_folder="templates", static_folder="static",
+               static_url_path="/dashboard/static")
+
+_MODEL = "gemma-3-270m-q4_k_m.gguf"
 
 
 @bp.get("/health")
@@ -22,29 +28,73 @@ def health():
 
 
 @bp.get("/stats")
-@document(reply={"uptime_seconds": 12.5, "models": {"gemma-3-270m-q4_k_m.gguf": {"requests": 3}},
-                 "concurrency": {"active": 0, "completed": 3}})
+@document(reply={
+    "uptime_seconds": 812.4,
+    "requests": {"total": 9, "succeeded": 6, "failed": 1, "rejected": 2, "timed_out": 0,
+                 "cancelled": 0},
+    "endpoints": {"POST /api/v1/generate": {"total": 9, "succeeded": 6, "failed": 1, "rejected": 2,
+                                            "timed_out": 0, "cancelled": 0,
+                                            "statuses": {"200": 6, "400": 1, "429": 2}}},
+    "models": {_MODEL: {"requests": 8, "succeeded": 6, "failed": 0, "rejected": 2, "timed_out": 0,
+                        "cancelled": 0, "generations": 6, "prompt_tokens": 42,
+                        "completion_tokens": 96, "tokens_per_second": 61.3, "mean_queue_ms": 3.1}},
+    "tokens": {"prompt": 42, "completion": 96},
+    "tokens_per_second": {"recent": 60.8, "lifetime": 61.3},
+    "latency_ms": {"p50": 270.4, "p95": 410.9, "p99": 410.9, "samples": 6},
+    "ttft_ms": {"p50": 21.7, "p95": 35.2, "samples": 6}, "window_seconds": 300.0,
+    "loaded_models": [{"name": _MODEL, "instances": 2, "in_use": 0}],
+    "concurrency": {"in_flight": 0, "active": 0, "queued": 0, "...": "as in /stats/concurrency"}})
 def stats():
-    """Uptime, per-model request and token counts, and the concurrency counters."""
-    services = backend()
-    return jsonify(uptime_seconds=round(time.monotonic() - services.started_at, 1),
-                   models=services.stats.by_model(),
-                   concurrency=asdict(services.concurrency.snapshot()))
+    """Uptime; requests per outcome, endpoint and model; tokens; latency, TTFT and speed.
+
+    Monitoring endpoints (/health, /stats..., /metrics, /dashboard) and the docs page are not
+    counted. Percentiles cover the last window_seconds; counts and tokens are since start-up.
+    """
+    return jsonify(stats_report(backend()))
 
 
 @bp.get("/stats/concurrency")
-@document(reply={"max_concurrent_requests": 10, "max_workers": 4, "active": 1, "queued": 0,
-                 "rejected": 0, "timed_out": 0})
+@document(reply={"limits": {"MAX_CONCURRENT_REQUESTS": 10, "MAX_WORKERS": 4, "MODEL_POOL_SIZE": 3,
+                            "QUEUE_TIMEOUT": 30.0, "REQUEST_TIMEOUT": 300.0},
+                 "in_flight": 5, "active": 3, "queued": 2, "completed": 40, "failed": 0,
+                 "rejected": 2, "timed_out": 0, "queue_timed_out": 0, "cancelled": 1,
+                 "draining": False, "workers": {"max": 4, "busy": 4, "started": 4, "alive": 4},
+                 "queue_wait_ms": {"p50": 0.3, "p95": 812.0, "samples": 43},
+                 "window_seconds": 300.0})
 def concurrency_stats():
-    """Limits, requests active and queued, and completed / failed / rejected / timed-out counts."""
-    return jsonify(asdict(backend().concurrency.snapshot()))
+    """Limits; requests in flight, active (holding an instance) and queued; queue wait; refusals."""
+    return jsonify(concurrency_report(backend()))
 
 
 @bp.get("/cache/status")
-@document(reply={"pool_size": 3, "loaded_models": [{"name": "gemma-3-270m-q4_k_m.gguf",
-                                                    "instances": 1, "in_use": 0}]})
+@document(reply={"caches": [{"name": "gguf", "instances_per_model": 3, "hits": 41, "misses": 2,
+                             "evictions": 0, "lru_order": [_MODEL],
+                             "models": [{"name": _MODEL, "instances": 2, "idle": 2, "in_use": 0,
+                                         "loading": 0, "last_used": "2026-01-01T12:00:00+00:00",
+                                         "last_load_seconds": 0.41,
+                                         "memory": {"bytes": 301989888,
+                                                    "source": "measured_rss_at_load"}}]}],
+                 "loaded_models": [{"cache": "gguf", "name": _MODEL, "instances": 2, "...": "..."}]})
 def cache_status():
-    """Loaded models and their pooled instances (idle and in use)."""
-    pool = backend().pool
-    return jsonify(pool_size=pool.size,
-                   loaded_models=[asdict(model) for model in pool.loaded_models()])
+    """Loaded models per cache: instances idle / in use, LRU order, hits / misses / evictions.
+
+    Memory is the process's measured RSS growth while the model's instances loaded
+    (source "measured_rss_at_load"), or, when loads overlapped, the estimate from the GGUF
+    metadata: weights plus a KV cache per instance (source "estimate").
+    """
+    return jsonify(cache_report(backend()))
+
+
+@bp.get("/metrics")
+@document(reply="text/plain; version=0.0.4 (Prometheus text format; OpenMetrics if Accept asks)")
+def metrics():
+    """Prometheus metrics: requests, latency / TTFT histograms, tokens, queue, pool, loads."""
+    body, content_type = render(backend().metrics, request.headers.get("Accept", ""))
+    return Response(body, content_type=content_type)
+
+
+@bp.get("/dashboard")
+@document(reply="text/html")
+def dashboard():
+    """Live charts of /stats and /stats/concurrency, polled every 2 s (no external assets)."""
+    return render_template("dashboard.html", auth=bool(backend().config.API_KEYS))

@@ -1,4 +1,4 @@
-"""GGUF blueprint (/api/v1): generation, model listing, detailed health."""
+"""GGUF blueprint (/api/v1): generation and detailed health."""
 
 from __future__ import annotations
 
@@ -9,9 +9,7 @@ from flask import Blueprint, g, jsonify
 
 from api import backend
 from api.docs import document
-from api.errors import error_payload
-from api.http import json_body, log_fields, sse_response
-from services.errors import BackendError
+from api.http import guarded_stream, json_body, log_fields, sse_response
 from services.generate_request import GENERATE_PARAMS
 from services.health import health_report
 from services.llm_service import Finished, GenerationStream
@@ -38,18 +36,23 @@ def generate():
     {"done": true} event with finish_reason, usage and timings. Errors before the first event
     have their own status; an error after it arrives as a final {"error"} event.
     """
-    service = backend().llm
+    service, log_text = backend().llm, backend().config.LOG_PROMPTS
     request = service.parse_request(json_body())
     log_fields(model=request.model)
+    if log_text:  # prompts and outputs stay out of the logs unless the operator asks
+        log_fields(system=request.system, prompt=request.prompt)
     if request.stream:
         stream = service.stream(request)
         log_fields(model=stream.started.model, prompt_tokens=stream.started.prompt_tokens,
                    queue_ms=round(stream.started.queue_ms, 1))
-        return sse_response(_sse_events(stream, g.request_id, g.log_fields, backend().loggers.errors))
+        return sse_response(_sse_events(stream, g.request_id, g.log_fields,
+                                        backend().loggers.errors, log_text))
     result = service.generate(request)
     log_fields(model=result.model, prompt_tokens=result.usage.prompt_tokens,
                completion_tokens=result.usage.completion_tokens,
                queue_ms=round(result.timings.queue_ms, 1))
+    if log_text:
+        log_fields(text=result.text)
     return jsonify(request_id=g.request_id, **finished_fields(result))
 
 
@@ -59,45 +62,22 @@ def finished_fields(result: Finished) -> dict:
 
 
 def _sse_events(stream: GenerationStream, request_id: str, fields: dict,
-                errors_log: logging.Logger) -> Iterator[dict]:
+                errors_log: logging.Logger, log_text: bool = False) -> Iterator[dict]:
     """Token events, then `done`; an error mid-stream becomes a last `error` event."""
-    try:
+
+    def events() -> Iterator[dict]:
         for event in stream:
             if isinstance(event, Finished):
                 fields["completion_tokens"] = event.usage.completion_tokens
+                if log_text:
+                    fields["text"] = event.text
                 done = finished_fields(event)
                 del done["text"]
                 yield {"done": True, "request_id": request_id, **done}
             else:
                 yield {"token": event.text}
-    except GeneratorExit:
-        fields["error"] = "client_disconnected"
-        raise
-    except Exception as exc:
-        payload = error_payload(exc)
-        fields["error"] = payload["error"]["code"]
-        if not isinstance(exc, BackendError):
-            errors_log.error("stream failed", exc_info=exc,
-                             extra={"fields": {"request_id": request_id, "error": repr(exc)}})
-        yield payload
-    finally:
-        stream.close()
 
-
-@bp.get("/models")
-@document(reply={"models": [{"name": "gemma-3-270m-q4_k_m.gguf", "type": "gguf",
-                             "size_bytes": 253113024, "sha256": "a5fd3b…", "architecture": "gemma3",
-                             "context_length": 32768, "loaded": False}]})
-def list_models():
-    """List the GGUF models in MODELS_DIR with their metadata and load state."""
-    return jsonify(models=backend().llm.list_models())
-
-
-@bp.get("/models/<name>")
-@document(reply={"name": "gemma-3-270m-q4_k_m.gguf", "type": "gguf", "loaded": True})
-def model_info(name: str):
-    """One model's metadata and load state; 404 if there is no such model."""
-    return jsonify(backend().llm.describe_model(name))
+    return guarded_stream(events(), stream.close, fields, request_id, errors_log)
 
 
 @bp.get("/health")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from services.errors import GenerationTimeout, QueueTimeout, ShuttingDown, TooBusy
+from services.window import SlidingWindow
 
 
 class Job:
@@ -26,7 +27,8 @@ class Job:
     calls `abandon()`. Both take one lock, so exactly one of them wins.
     """
 
-    def __init__(self, queue_timeout: float, request_timeout: float):
+    def __init__(self, queue_timeout: float, request_timeout: float,
+                 on_reserve: Callable[["Job"], None] = lambda job: None):
         self.admitted_at = time.monotonic()
         self.queue_deadline = self.admitted_at + queue_timeout
         self.request_timeout = request_timeout
@@ -34,6 +36,7 @@ class Job:
         self.started_at: float | None = None
         self.cancelled = threading.Event()
         self._lock = threading.Lock()
+        self._on_reserve = on_reserve
         self.future: Future | None = None
 
     @property
@@ -52,7 +55,10 @@ class Job:
         with self._lock:
             if self.cancelled.is_set():
                 raise QueueTimeout("no worker or model instance became free in time")
+            first = self.reserved_at is None
             self.reserved_at = time.monotonic()
+            if first:  # counted once, however many instances the work checks out
+                self._on_reserve(self)
 
     def start(self) -> None:
         """Mark the generation proper as begun (after loading and tokenizing)."""
@@ -94,8 +100,11 @@ class ConcurrencySnapshot:
     queue_timeout: float
     request_timeout: float
     in_flight: int
-    active: int
-    queued: int
+    active: int  # holding a model instance (loading it or generating)
+    queued: int  # admitted, waiting for a worker or a model instance
+    workers_busy: int
+    workers_started: int  # threads start on demand, up to MAX_WORKERS
+    workers_alive: int
     completed: int
     failed: int
     rejected: int
@@ -106,7 +115,11 @@ class ConcurrencySnapshot:
 
 
 class ConcurrencyManager:
-    """Admits, queues and runs jobs; counts what happened to them."""
+    """Admits, queues and runs jobs; counts what happened to them.
+
+    Lock order: the pool's lock, then a job's, then this manager's (`Job.reserve` runs with
+    the pool lock held and reports here); nothing here waits for a generation.
+    """
 
     def __init__(self, max_concurrent: int, max_workers: int, queue_timeout: float,
                  request_timeout: float):
@@ -114,11 +127,15 @@ class ConcurrencyManager:
         self.max_workers = max_workers
         self.queue_timeout = queue_timeout
         self.request_timeout = request_timeout
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate")
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate",
+                                            initializer=self._register_worker)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._in_flight = 0
+        self._busy = 0
         self._active = 0
+        self._workers: list[threading.Thread] = []
+        self.queue_wait = SlidingWindow()
         self._counts = dict(completed=0, failed=0, rejected=0, timed_out=0, queue_timed_out=0,
                             cancelled=0)
         self._recent_seconds: deque[float] = deque(maxlen=50)
@@ -138,13 +155,23 @@ class ConcurrencyManager:
                 raise TooBusy(f"{self._in_flight} requests in flight (MAX_CONCURRENT_REQUESTS="
                               f"{self.max_concurrent}); retry shortly", retry_after=self._retry_after())
             self._in_flight += 1
-        job = Job(self.queue_timeout, self.request_timeout)
+        job = Job(self.queue_timeout, self.request_timeout, self._reserved)
         job.future = self._executor.submit(self._run, job, work)
         return job
 
-    def _run(self, job: Job, work: Callable[[Job], Any]) -> Any:
+    def _register_worker(self) -> None:
+        with self._lock:
+            self._workers.append(threading.current_thread())
+
+    def _reserved(self, job: Job) -> None:
+        """A job got its model instance: its queue wait is over and it counts as active."""
+        self.queue_wait.add(job.queue_seconds)
         with self._lock:
             self._active += 1
+
+    def _run(self, job: Job, work: Callable[[Job], Any]) -> Any:
+        with self._lock:
+            self._busy += 1
         outcome = "failed"
         try:
             result = work(job)
@@ -155,7 +182,8 @@ class ConcurrencyManager:
             raise
         finally:
             with self._idle:
-                self._active -= 1
+                self._busy -= 1
+                self._active -= job.reserved_at is not None
                 self._in_flight -= 1
                 self._counts[outcome] += 1
                 if job.started_at is not None:
@@ -174,7 +202,10 @@ class ConcurrencyManager:
                 max_concurrent_requests=self.max_concurrent, max_workers=self.max_workers,
                 queue_timeout=self.queue_timeout, request_timeout=self.request_timeout,
                 in_flight=self._in_flight, active=self._active,
-                queued=self._in_flight - self._active, draining=self._draining, **self._counts)
+                queued=self._in_flight - self._active, workers_busy=self._busy,
+                workers_started=len(self._workers),
+                workers_alive=sum(worker.is_alive() for worker in self._workers),
+                draining=self._draining, **self._counts)
 
     def drain(self, timeout: float) -> bool:
         """Stop admitting and wait up to `timeout` s for in-flight jobs; True when all finished."""

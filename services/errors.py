@@ -26,6 +26,24 @@ class ContextOverflow(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class InvalidModelFile(InvalidRequest):
+    """An uploaded file is not a GGUF model this server accepts (checked before llama.cpp)."""
+
+    code = "invalid_model_file"
+
+
+class UnloadableModel(BackendError):
+    """llama.cpp failed or crashed loading a new file in a separate process: refused."""
+
+    code = "model_unloadable"
+
+
+class InsufficientMemory(BackendError):
+    """Loading the model would need more memory than is available."""
+
+    code = "insufficient_memory"
+
+
 class ModelNotFound(BackendError):
     code = "model_not_found"
 
@@ -72,6 +90,12 @@ class ModelLoadError(BackendError):
     """llama.cpp could not load a model file that is on disk (a server-side problem)."""
 
     code = "model_load_failed"
+
+
+class ChatTemplateError(BackendError):
+    """A model's chat template failed, or tried what its sandbox forbids (and did not run)."""
+
+    code = "chat_template_error"
 
 
 class ConfigError(Exception):

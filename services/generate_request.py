@@ -71,6 +71,11 @@ _TYPES = {
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
     "boolean": lambda v: isinstance(v, bool),
     "array of strings": lambda v: isinstance(v, list),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+    "string or array": lambda v: isinstance(v, (str, list)),
+    "string or object": lambda v: isinstance(v, (str, dict)),
+    "string or number": lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
 }
 
 
@@ -108,22 +113,22 @@ def parse_params(body: Any, params: tuple[Param, ...]) -> dict[str, Any]:
     unknown = sorted(set(body) - known)
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}; accepted: "
-                             f"{', '.join(p.name for p in params)}")
+                             f"{', '.join(p.name for p in params)}", param=unknown[0])
     values = {}
     for param in params:
         value = body.get(param.name)
         if value is None:
             if param.required:
-                raise InvalidRequest(f"{param.name} is required")
+                raise InvalidRequest(f"{param.name} is required", param=param.name)
             values[param.name] = param.default
             continue
         if param.kind == "array of strings" and isinstance(value, str):
             value = [value]
         if not _TYPES[param.kind](value):
-            raise InvalidRequest(f"{param.name} must be {'an' if param.kind[0] in 'aei' else 'a'} "
-                                 f"{param.kind}, got {type(value).__name__}")
+            raise InvalidRequest(f"{param.name} must be {'an' if param.kind[0] in 'aeiou' else 'a'} "
+                                 f"{param.kind}, got {type(value).__name__}", param=param.name)
         problem = param.check(value)
         if problem:
-            raise InvalidRequest(f"{param.name} {problem}")
+            raise InvalidRequest(f"{param.name} {problem}", param=param.name)
         values[param.name] = value
     return values

@@ -9,21 +9,29 @@ from __future__ import annotations
 
 import codecs
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
 import llama_cpp
+from llama_cpp.llama_grammar import LlamaGrammar
+
+from services.errors import InvalidRequest
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 256
+    max_tokens: int | None = 256    # None: until end of turn or the context is full
     temperature: float = 0.8
     top_p: float = 0.95
     top_k: int = 40
     repeat_penalty: float = 1.1
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # GBNF text the output must match (JSON mode); built into a grammar by the worker.
+    grammar: str | None = None
 
 
 @dataclass
@@ -33,6 +41,8 @@ class TokenLoopResult:
     completion_tokens: int = 0
     finish_reason: str | None = None
     pieces: list[str] = field(default_factory=list)
+    # time.monotonic() when the first token was sampled (text may be held back for stops).
+    first_token_at: float | None = None
 
 
 def tokenize(llm: llama_cpp.Llama, text: str) -> list[int]:
@@ -54,17 +64,22 @@ def stream_tokens(llm: llama_cpp.Llama, prompt_tokens: Sequence[int], params: Sa
     llm.set_seed(params.seed if params.seed is not None else secrets.randbits(31))
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     room = llm.n_ctx() - len(prompt_tokens)
-    limit = min(params.max_tokens, room)
+    limit = min(params.max_tokens or room, room)
     held = ""
     check()
     tokens = llm.generate(list(prompt_tokens), temp=params.temperature, top_p=params.top_p,
-                          top_k=params.top_k, repeat_penalty=params.repeat_penalty)
+                          top_k=params.top_k, repeat_penalty=params.repeat_penalty,
+                          presence_penalty=params.presence_penalty,
+                          frequency_penalty=params.frequency_penalty,
+                          grammar=build_grammar(llm, params.grammar))
     try:
         for token in tokens:
             if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):
                 result.finish_reason = "stop"
                 break
             result.completion_tokens += 1
+            if result.first_token_at is None:
+                result.first_token_at = time.monotonic()
             held += decoder.decode(llm.detokenize([token]))
             ready, held, stopped = split_at_stop(held, params.stop)
             if ready:
@@ -83,6 +98,23 @@ def stream_tokens(llm: llama_cpp.Llama, prompt_tokens: Sequence[int], params: Sa
     if tail:
         result.pieces.append(tail)
         yield tail
+
+
+def build_grammar(llm: llama_cpp.Llama, gbnf: str | None) -> LlamaGrammar | None:
+    """The grammar for `gbnf`, checked first: llama.cpp returns no sampler for a grammar it
+    cannot parse, and llama-cpp-python would add that null to the sampler chain.
+
+    :raise InvalidRequest: llama.cpp cannot parse the grammar.
+    """
+    if gbnf is None:
+        return None
+    sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, gbnf.encode("utf-8"),
+                                                   b"root")
+    if not sampler:
+        raise InvalidRequest("the output format could not be turned into a grammar that "
+                             "llama.cpp accepts")
+    llama_cpp.llama_sampler_free(sampler)
+    return LlamaGrammar.from_string(gbnf)
 
 
 def split_at_stop(text: str, stops: Sequence[str]) -> tuple[str, str, bool]:

@@ -9,9 +9,10 @@ stops reading (client gone, timeout) cancels the job, and the worker stops at th
 from __future__ import annotations
 
 import queue
+import threading
 import time
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Sequence, Union
 
 from langchain_core.prompts import PromptTemplate
 
@@ -20,8 +21,9 @@ from services.concurrency_manager import ConcurrencyManager, Job
 from services.errors import ContextOverflow, GenerationTimeout, QueueTimeout
 from services.generate_request import GenerateRequest
 from services.generation import SamplingParams, TokenLoopResult, stream_tokens, tokenize
+from services.memory import estimate_load
 from services.model_pool import ModelPool
-from services.stats import UsageStats
+from services.stats import UsageStats, outcome_of
 
 # How long the caller waits past a deadline the worker enforces itself before giving up on it.
 _GRACE_SECONDS = 1.0
@@ -45,6 +47,10 @@ class Timings:
     queue_ms: float
     generation_ms: float
     tokens_per_second: float
+    # Parts of the whole, for replies that report them (Ollama's durations): loading the
+    # instance, and evaluating the prompt up to the first sampled token.
+    load_ms: float = 0.0
+    prompt_ms: float = 0.0
 
     def to_dict(self) -> dict:
         return {"queue_ms": round(self.queue_ms, 1), "generation_ms": round(self.generation_ms, 1),
@@ -72,17 +78,45 @@ class Finished:
     timings: Timings
 
 
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt built on the worker from the checked-out instance (a chat rendered with the
+    model's own template): its token ids, and stop strings its layout adds."""
+
+    tokens: Sequence[int]
+    stop: tuple[str, ...] = ()
+
+
+# Text (tokenized with BOS), the model's own token ids, or a builder called on the worker with
+# the instance's llama_cpp.Llama.
+Prompt = Union[str, Sequence[int], Callable[[Any], PromptTokens]]
+
+
 class GenerationStream:
     """A running generation: iterate for `Token`s then one `Finished`; closing it cancels."""
 
-    def __init__(self, service: "LLMService", job: Job, events: queue.Queue, started: Started):
+    def __init__(self, service: "LLMService", job: Job, events: queue.Queue, model: str,
+                 counted: bool = True):
         self._service, self._job, self._events = service, job, events
-        self.started = started
+        self.model = model
+        self.started: Started | None = None
+        # A step of a larger request (a DeepSeek map step) leaves its outcome to that request.
+        self._settled = not counted
+        self._settle_lock = threading.Lock()
 
     def __iter__(self) -> Iterator[Token | Finished]:
         try:
             while True:
-                event = self._service._next_event(self._job, self._events)
+                try:
+                    event = self._service._next_event(self._job, self._events)
+                except BaseException as exc:
+                    self._settle(outcome_of(exc))
+                    raise
+                if isinstance(event, Started):
+                    self.started = event
+                    continue
+                if isinstance(event, Finished):
+                    self._settle("succeeded")
                 yield event
                 if isinstance(event, Finished):
                     return
@@ -91,11 +125,40 @@ class GenerationStream:
 
     def close(self) -> None:
         """Stop the generation if it still runs (the client went away); its instance returns."""
+        self._settle("cancelled")
         self._job.cancel()
+
+    def wait_started(self) -> Started:
+        """Block until the generation holds an instance, so its early errors raise here.
+
+        :raise QueueTimeout, ContextOverflow, ModelLoadError, InsufficientMemory, ShuttingDown:
+        """
+        try:
+            self.started = self._service._next_event(self._job, self._events)
+        except BaseException as exc:
+            self._settle(outcome_of(exc))
+            self._job.cancel()
+            raise
+        return self.started
+
+    def collect(self) -> Finished:
+        """Run to the end and return the `Finished` event, whose text holds every token."""
+        for event in self:
+            if isinstance(event, Finished):
+                return event
+        raise AssertionError("a generation stream ended without a Finished event")
+
+    def _settle(self, outcome: str) -> None:
+        """Count this request's outcome once: the first of finished, failed or closed wins."""
+        with self._settle_lock:
+            if self._settled:
+                return
+            self._settled = True
+        self._service.stats.record_outcome(self.model, outcome)
 
 
 class LLMService:
-    """Generation and model listing over the registry, the pool and the concurrency manager."""
+    """Generation over the model registry, the pool and the concurrency manager."""
 
     def __init__(self, models: ModelManager, pool: ModelPool, concurrency: ConcurrencyManager,
                  stats: UsageStats, n_ctx: int):
@@ -114,38 +177,66 @@ class LLMService:
 
         :raise ModelNotFound, ContextOverflow, TooBusy, QueueTimeout, GenerationTimeout:
         """
-        for event in self.stream(request):
-            if isinstance(event, Finished):
-                return event
-        raise AssertionError("a generation stream ended without a Finished event")
+        return self.stream(request).collect()
 
     def stream(self, request: GenerateRequest) -> GenerationStream:
         """Start a generation and wait until it holds an instance, so early errors raise here.
 
         :raise ModelNotFound, ContextOverflow, TooBusy, QueueTimeout, ShuttingDown:
         """
-        model = self.models.resolve(request.model)
-        prompt = build_prompt(request.prompt, request.system)
-        events: queue.Queue = queue.Queue()
-        job = self.concurrency.submit(
-            lambda job: self._work(job, model, prompt, request.sampling, events))
-        try:
-            started = self._next_event(job, events)
-        except BaseException:
-            job.cancel()
-            raise
-        return GenerationStream(self, job, events, started)
+        return self.stream_prompt(request.model, build_prompt(request.prompt, request.system),
+                                  request.sampling)
 
-    def _work(self, job: Job, model: ModelFile, prompt: str, sampling: SamplingParams,
-              events: queue.Queue) -> None:
-        """On a worker: hold an instance, generate, put events; the instance returns first."""
-        result = TokenLoopResult()
-        prompt_tokens, ok, generation_seconds = 0, False, 0.0
+    def stream_prompt(self, model_name: str | None, prompt: Prompt,
+                      sampling: SamplingParams) -> GenerationStream:
+        """Start a generation of a prompt built by a caller (the OpenAI and Ollama APIs) on the
+        named model, or the default one, and wait until it holds an instance.
+
+        :raise ModelNotFound, ContextOverflow, TooBusy, QueueTimeout, ShuttingDown:
+        """
+        return self.start(self.models.resolve(model_name), prompt, sampling)
+
+    def start(self, model: ModelFile, prompt: Prompt, sampling: SamplingParams,
+              n_ctx: int | None = None, *, wait: bool = True,
+              counted: bool = True) -> GenerationStream:
+        """Submit one generation of `prompt` (text, token ids, or a builder) on `model`.
+
+        `n_ctx` runs it on instances with that context size rather than N_CTX. With `wait` it
+        returns once the generation holds an instance. `counted=False` marks a step of a larger
+        request, whose outcome that request records once.
+        :raise TooBusy, ShuttingDown: (and with `wait`, the errors of `wait_started`)
+        """
+        events: queue.Queue = queue.Queue()
+        received_at = time.monotonic()
         try:
-            with self.pool.checkout(model.name, model.path, job.queue_deadline,
-                                    job.reserve) as instance:
+            job = self.concurrency.submit(
+                lambda job: self._work(job, model, prompt, sampling, events, received_at, n_ctx))
+        except Exception as exc:
+            if counted:
+                self.stats.record_outcome(model.name, outcome_of(exc))
+            raise
+        stream = GenerationStream(self, job, events, model.name, counted)
+        if wait:
+            stream.wait_started()
+        return stream
+
+    def _work(self, job: Job, model: ModelFile, prompt: Prompt,
+              sampling: SamplingParams, events: queue.Queue, received_at: float,
+              n_ctx: int | None = None) -> None:
+        """On a worker: hold an instance, generate, put events; the instance returns first.
+
+        Time to first token and latency run from `received_at` (when the service took the
+        request), so they include the queue wait a client experiences.
+        """
+        result = TokenLoopResult()
+        prompt_tokens, generation_seconds, load_seconds = 0, 0.0, 0.0
+        try:
+            cost = estimate_load(model.size_bytes, model.kv_bytes_per_token, n_ctx or self.n_ctx)
+            with self.pool.checkout(model.name, model.path, job.queue_deadline, job.reserve,
+                                    cost, n_ctx) as instance:
+                load_seconds = time.monotonic() - (job.reserved_at or time.monotonic())
                 llm = instance.client
-                tokens = tokenize(llm, prompt)
+                tokens, sampling = prepare_prompt(llm, prompt, sampling)
                 prompt_tokens = len(tokens)
                 check_fits(prompt_tokens, sampling.max_tokens, llm.n_ctx())
                 job.start()
@@ -153,53 +244,62 @@ class LLMService:
                 for piece in stream_tokens(llm, tokens, sampling, job.check, result):
                     events.put(Token(piece))
                 generation_seconds = time.monotonic() - job.started_at
-            ok = True
-            events.put(Finished(
-                model=model.name, text="".join(result.pieces), finish_reason=result.finish_reason,
-                usage=Usage(prompt_tokens, result.completion_tokens),
-                timings=Timings(job.queue_seconds * 1000, generation_seconds * 1000,
-                                result.completion_tokens / generation_seconds if generation_seconds else 0.0)))
         except BaseException as exc:
+            self._record(model.name, False, job, result, prompt_tokens, received_at)
             events.put(exc)
             raise
-        finally:
-            if job.started_at is not None and not generation_seconds:
-                generation_seconds = time.monotonic() - job.started_at
-            self.stats.record(model.name, ok, prompt_tokens, result.completion_tokens,
-                              job.queue_seconds, generation_seconds)
+        # Counted before the reply can reach the client, so /stats never lags behind it.
+        self._record(model.name, True, job, result, prompt_tokens, received_at)
+        events.put(Finished(
+            model=model.name, text="".join(result.pieces), finish_reason=result.finish_reason,
+            usage=Usage(prompt_tokens, result.completion_tokens),
+            timings=Timings(job.queue_seconds * 1000, generation_seconds * 1000,
+                            result.completion_tokens / generation_seconds if generation_seconds else 0.0,
+                            load_ms=load_seconds * 1000,
+                            prompt_ms=(result.first_token_at - job.started_at) * 1000
+                            if result.first_token_at else generation_seconds * 1000)))
+
+    def _record(self, model: str, ok: bool, job: Job, result: TokenLoopResult,
+                prompt_tokens: int, received_at: float) -> None:
+        """Add one generation's tokens and timings to the usage statistics."""
+        now = time.monotonic()
+        self.stats.record(
+            model, ok, prompt_tokens, result.completion_tokens, job.queue_seconds,
+            now - job.started_at if job.started_at is not None else 0.0,
+            latency_seconds=now - received_at,
+            ttft_seconds=result.first_token_at - received_at if result.first_token_at else None)
 
     def _next_event(self, job: Job, events: queue.Queue) -> Started | Token | Finished:
-        """The job's next event; raises the job's error, or a timeout if the worker is late."""
-        while True:
-            try:
-                event = events.get(timeout=max(0.0, job.deadline - time.monotonic() + _GRACE_SECONDS))
-            except queue.Empty:
-                if job.abandon():
-                    raise QueueTimeout("no worker became free within QUEUE_TIMEOUT")
-                if job.reserved_at is not None and time.monotonic() < job.deadline:
-                    continue
-                job.cancel()
-                raise GenerationTimeout("generation exceeded REQUEST_TIMEOUT")
-            if isinstance(event, BaseException):
-                raise event
-            return event
+        return next_event(job, events)
 
-    def list_models(self) -> list[dict]:
-        """Every model file with its metadata and whether instances of it are loaded."""
-        loaded = {m.name: m for m in self.pool.loaded_models()}
-        return [self._describe(model, loaded) for model in self.models.list()]
 
-    def describe_model(self, name: str) -> dict:
-        """:raise ModelNotFound:"""
-        return self._describe(self.models.resolve(name),
-                              {m.name: m for m in self.pool.loaded_models()})
+def next_event(job: Job, events: queue.Queue) -> Any:
+    """The job's next event; raises the job's error, or a timeout if the worker is late."""
+    while True:
+        try:
+            event = events.get(timeout=max(0.0, job.deadline - time.monotonic() + _GRACE_SECONDS))
+        except queue.Empty:
+            if job.abandon():
+                raise QueueTimeout("no worker became free within QUEUE_TIMEOUT")
+            if job.reserved_at is not None and time.monotonic() < job.deadline:
+                continue
+            job.cancel()
+            raise GenerationTimeout("generation exceeded REQUEST_TIMEOUT")
+        if isinstance(event, BaseException):
+            raise event
+        return event
 
-    def _describe(self, model: ModelFile, loaded: dict) -> dict:
-        info = self.models.with_sha256(model).to_dict()
-        state = loaded.get(model.name)
-        info.update(loaded=bool(state and state.instances), instances=state.instances if state else 0,
-                    in_use=state.in_use if state else 0)
-        return info
+
+def prepare_prompt(llm: Any, prompt: Prompt,
+                   sampling: SamplingParams) -> tuple[list[int], SamplingParams]:
+    """The prompt's token ids on this instance, and the sampling with any stops it adds."""
+    if isinstance(prompt, str):
+        return tokenize(llm, prompt), sampling
+    if callable(prompt):
+        built = prompt(llm)
+        extra = tuple(stop for stop in built.stop if stop not in sampling.stop)
+        return list(built.tokens), replace(sampling, stop=sampling.stop + extra)
+    return list(prompt), sampling
 
 
 def build_prompt(prompt: str, system: str | None) -> str:
@@ -209,9 +309,15 @@ def build_prompt(prompt: str, system: str | None) -> str:
     return _PLAIN.format(prompt=prompt)
 
 
-def check_fits(prompt_tokens: int, max_tokens: int, n_ctx: int) -> None:
-    """:raise ContextOverflow: prompt and completion together exceed the context window."""
-    if prompt_tokens + max_tokens > n_ctx:
+def check_fits(prompt_tokens: int, max_tokens: int | None, n_ctx: int) -> None:
+    """:raise ContextOverflow: prompt and completion together exceed the context window (with no
+    max_tokens, the prompt leaves no room for a single token)."""
+    if max_tokens is None and prompt_tokens >= n_ctx:
+        raise ContextOverflow(
+            f"the prompt is {prompt_tokens} tokens: it leaves no room to answer in the model's "
+            f"context of {n_ctx} tokens; shorten the prompt",
+            prompt_tokens=prompt_tokens, context_length=n_ctx)
+    if max_tokens is not None and prompt_tokens + max_tokens > n_ctx:
         raise ContextOverflow(
             f"the prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}: "
             f"{prompt_tokens + max_tokens} exceed the model's context of {n_ctx} tokens; "

@@ -8,6 +8,8 @@ lazily, up to MODEL_POOL_SIZE per model, and named after Ollama's scheduler: `lo
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import threading
 import time
@@ -15,11 +17,27 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from services.errors import ModelLoadError, QueueTimeout, ShuttingDown
+from services.errors import BackendError, ModelLoadError, QueueTimeout, ShuttingDown
+from services.memory import LoadCost
 
 log = logging.getLogger(__name__)
 
-Loader = Callable[[str], Any]
+# Called as loader(path), or loader(path, n_ctx) by a checkout that asks for its own context size.
+Loader = Callable[..., Any]
+
+# Instances of one file loaded differently (with embeddings on, say) are pooled under the
+# model's name, this mark and the variant, so evicting the model evicts them too.
+VARIANT_MARK = "#"
+
+
+def variant_name(name: str, variant: str) -> str:
+    """The pool name of `name`'s instances loaded as `variant` (e.g. "embedding")."""
+    return f"{name}{VARIANT_MARK}{variant}"
+
+
+def model_of(pool_name: str) -> str:
+    """The model file a pool name belongs to (a variant's name without its suffix)."""
+    return pool_name.split(VARIANT_MARK, 1)[0]
 
 
 @dataclass(frozen=True)
@@ -32,15 +50,33 @@ class InstanceSettings:
     n_gpu_layers: int
 
 
+# llama-cpp-python's verbose=False silences a load by dup2-ing the process's stdout/stderr to
+# /dev/null: every other thread's console output vanishes meanwhile, and two loads at once can
+# leave stderr redirected for good. So instances load verbose, one at a time, with only
+# sys.stderr redirected (log handlers keep the real stream), and are made quiet afterwards.
+_STDERR_SWAP = threading.Lock()
+
+
+def load_quietly(load: Callable[[], Any]) -> Any:
+    """Run another llama.cpp load (a tokenizer, say) under the same rules as the instances'."""
+    with _STDERR_SWAP, contextlib.redirect_stderr(io.StringIO()):
+        return load()
+
+
 def llamacpp_loader(settings: InstanceSettings) -> Loader:
     """The real loader: a LangChain `LlamaCpp` whose `.client` is the `llama_cpp.Llama`."""
 
-    def load(path: str) -> Any:
+    def load(path: str, n_ctx: int | None = None) -> Any:
         from langchain_community.llms import LlamaCpp
 
-        return LlamaCpp(model_path=path, n_ctx=settings.n_ctx, n_batch=settings.n_batch,
-                        n_threads=settings.n_threads, n_gpu_layers=settings.n_gpu_layers,
-                        model_kwargs={"n_threads_batch": settings.n_threads}, verbose=False)
+        with _STDERR_SWAP, contextlib.redirect_stderr(io.StringIO()):
+            instance = LlamaCpp(model_path=path, n_ctx=n_ctx or settings.n_ctx,
+                                n_batch=settings.n_batch, n_threads=settings.n_threads,
+                                n_gpu_layers=settings.n_gpu_layers,
+                                model_kwargs={"n_threads_batch": settings.n_threads}, verbose=True)
+            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        instance.client.verbose = False
+        return instance
 
     return load
 
@@ -63,6 +99,7 @@ class LoadedModel:
     loading: int
     last_used: float
     load_seconds: float
+    n_ctx: int | None = None      # None: the pool's default context size
 
 
 @dataclass(eq=False)
@@ -82,71 +119,94 @@ class _Slot:
 class ModelPool:
     """Holds up to `size` instances per model and lends each to one caller at a time."""
 
-    def __init__(self, size: int, loader: Loader):
+    def __init__(self, size: int, loader: Loader,
+                 memory_check: Callable[[str, int], None] = lambda name, needed: None):
         self.size = size
         self._loader = loader
+        self._memory_check = memory_check
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        self._slots: dict[str, _Slot] = {}
+        # Keyed by (name, n_ctx): instances asked for with their own context size (DeepSeek's
+        # large contexts) are kept apart from the default ones (n_ctx None).
+        self._slots: dict[tuple[str, int | None], _Slot] = {}
         self._closed = False
+        # For /cache/status and /metrics: checkouts served by an idle instance or by a load,
+        # and instances unloaded by evict() or a changed file.
+        self._counts = {"hits": 0, "misses": 0, "evictions": 0}
 
     @contextmanager
     def checkout(self, name: str, path: str, deadline: float,
-                 on_reserve: Callable[[], None] = lambda: None) -> Iterator[Any]:
+                 on_reserve: Callable[[], None] = lambda: None,
+                 cost: LoadCost | None = None, n_ctx: int | None = None,
+                 loader: Loader | None = None) -> Iterator[Any]:
         """Lend an instance of `name` (loaded from `path`) until the block ends.
 
         `on_reserve` runs (pool lock held; lock order: pool, then the caller's) once an idle
         instance or a free slot is found, before anything is taken; it may raise to refuse.
+        `cost` is checked against available memory before a new instance is loaded.
+        `n_ctx` asks for an instance with that context size instead of the default one.
+        `loader` loads new instances of a variant `name` instead of the pool's loader.
         :raise QueueTimeout: none became free before `deadline` (time.monotonic).
+        :raise InsufficientMemory: a new instance would not fit in memory.
         :raise ModelLoadError: llama.cpp could not load the file.
         """
-        slot, instance = self._acquire(name, path, deadline, on_reserve)
+        slot, instance = self._acquire(name, path, deadline, on_reserve, cost, n_ctx, loader)
         try:
             yield instance
         finally:
-            self._release(name, slot, instance)
+            self._release((name, n_ctx), slot, instance)
 
-    def _acquire(self, name: str, path: str, deadline: float,
-                 on_reserve: Callable[[], None]) -> tuple[_Slot, Any]:
+    def _acquire(self, name: str, path: str, deadline: float, on_reserve: Callable[[], None],
+                 cost: LoadCost | None, n_ctx: int | None = None,
+                 loader: Loader | None = None) -> tuple[_Slot, Any]:
         with self._changed:
             while True:
                 if self._closed:
                     raise ShuttingDown("the model pool is closed")
-                slot = self._current_slot(name, path)
+                slot = self._current_slot(name, path, n_ctx)
                 if slot.idle:
                     on_reserve()
+                    self._counts["hits"] += 1
                     instance = slot.idle.pop()
                     slot.busy.append(instance)
                     slot.last_used = time.time()
                     return slot, instance
                 if slot.size < self.size:
                     on_reserve()
+                    self._counts["misses"] += 1
+                    needed = 0 if cost is None else (
+                        cost.kv_cache_bytes if slot.size else cost.first_instance)
                     slot.loading += 1
                     break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise QueueTimeout(f"all {self.size} instances of {name} stayed busy")
                 self._changed.wait(min(remaining, 0.25))
-        return slot, self._load_into(slot, name, path)
+        return slot, self._load_into(slot, name, path, needed, n_ctx, loader or self._loader)
 
-    def _current_slot(self, name: str, path: str) -> _Slot:
-        """The slot serving `name`; a new one when its file path changed (needs reload)."""
-        slot = self._slots.get(name)
+    def _current_slot(self, name: str, path: str, n_ctx: int | None = None) -> _Slot:
+        """The slot serving `name` at `n_ctx`; a new one when its file path changed (needs reload)."""
+        key = (name, n_ctx)
+        slot = self._slots.get(key)
         if slot is None or slot.path != path:
-            for stale in self._retire(name):
+            for stale in self._retire(key):
                 close_instance(stale)
-            slot = self._slots[name] = _Slot(path)
+            slot = self._slots[key] = _Slot(path)
         return slot
 
-    def _load_into(self, slot: _Slot, name: str, path: str) -> Any:
+    def _load_into(self, slot: _Slot, name: str, path: str, needed: int,
+                   n_ctx: int | None, loader: Loader) -> Any:
         """Load one instance outside the lock (loading takes a while) and hand it out busy."""
         started = time.monotonic()
         try:
-            instance = self._loader(path)
-        except Exception as exc:
+            self._memory_check(name, needed)
+            instance = loader(path) if n_ctx is None else loader(path, n_ctx)
+        except BaseException as exc:
             with self._changed:
                 slot.loading -= 1
                 self._changed.notify_all()
+            if isinstance(exc, BackendError) or not isinstance(exc, Exception):
+                raise
             log.exception("loading %s from %s failed", name, path)
             raise ModelLoadError(f"model {name} could not be loaded") from exc
         with self._changed:
@@ -157,45 +217,57 @@ class ModelPool:
         log.info("loaded an instance of %s in %.2f s", name, slot.load_seconds)
         return instance
 
-    def _release(self, name: str, slot: _Slot, instance: Any) -> None:
+    def _release(self, key: tuple[str, int | None], slot: _Slot, instance: Any) -> None:
         with self._changed:
             slot.busy.remove(instance)
             slot.last_used = time.time()
-            keep = not self._closed and self._slots.get(name) is slot
+            keep = not self._closed and self._slots.get(key) is slot
             if keep:
                 slot.idle.append(instance)
             self._changed.notify_all()
         if not keep:
             close_instance(instance)
 
-    def _retire(self, name: str) -> list:
-        """Detach `name`'s slot (lock held); its busy instances close when they come back."""
-        slot = self._slots.pop(name, None)
+    def _retire(self, key: tuple[str, int | None]) -> list:
+        """Detach a slot (lock held); its busy instances close when they come back."""
+        slot = self._slots.pop(key, None)
         if slot is None:
             return []
+        self._counts["evictions"] += slot.size
         idle, slot.idle = slot.idle, []
         return idle
 
-    def evict(self, name: str) -> int:
-        """Unload `name`: close idle instances now, busy ones when released; count closed now."""
+    def evict(self, name: str, n_ctx: int | None = None) -> int:
+        """Unload `name` and its variants (only its `n_ctx` instances when given): close idle
+        instances now, busy ones when released; count closed now."""
         with self._changed:
-            idle = self._retire(name)
+            keys = [key for key in self._slots
+                    if (key[0] == name and (n_ctx is None or key[1] == n_ctx))
+                    or (n_ctx is None and key[0].startswith(name + VARIANT_MARK))]
+            idle = [instance for key in keys for instance in self._retire(key)]
         for instance in idle:
             close_instance(instance)
         return len(idle)
+
+    def cache_counts(self) -> dict[str, int]:
+        """Hits, misses and evictions since start-up."""
+        with self._lock:
+            return dict(self._counts)
 
     def loaded_models(self) -> list[LoadedModel]:
         with self._lock:
             return [LoadedModel(name=name, path=slot.path, instances=len(slot.idle) + len(slot.busy),
                                 in_use=len(slot.busy), loading=slot.loading,
-                                last_used=slot.last_used, load_seconds=slot.load_seconds)
-                    for name, slot in sorted(self._slots.items())]
+                                last_used=slot.last_used, load_seconds=slot.load_seconds,
+                                n_ctx=n_ctx)
+                    for (name, n_ctx), slot in sorted(self._slots.items(),
+                                                      key=lambda item: (item[0][0], item[0][1] or 0))]
 
     def close(self) -> None:
         """Close every idle instance now and every busy one as it is released."""
         with self._changed:
             self._closed = True
-            names = list(self._slots)
-            idle = [instance for name in names for instance in self._retire(name)]
+            keys = list(self._slots)
+            idle = [instance for key in keys for instance in self._retire(key)]
         for instance in idle:
             close_instance(instance)

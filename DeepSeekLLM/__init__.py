@@ -1,0 +1,1 @@
+"""DeepSeek models: large-context generation with token-exact chunking (map-reduce)."""

@@ -1,0 +1,225 @@
+"""DeepSeek generation: validate a request, resolve its model, plan it against n_ctx, start it.
+
+A request whose prompt, context and answer fit n_ctx is one generation (strategy "none"). One
+that does not is map-reduced: the context is cut into token-exact overlapping chunks, a map step
+notes what each chunk holds that bears on the prompt, collapse steps merge notes too long for
+one prompt, and a reduce step answers from the notes (run.py). Every step is an ordinary
+generation on the shared concurrency manager and pool (steps.py).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
+from typing import Any
+
+from DeepSeekLLM.model_cache import CachedModel, ModelCache
+from DeepSeekLLM.run import DeepSeekResult, DeepSeekRun, Plan, run_events, step_sampling
+from DeepSeekLLM.services import PromptBuilder, plan_budget, split_tokens
+from DeepSeekLLM.steps import StepRunner
+from models.model_manager import ModelFile
+from services.errors import InvalidRequest, ModelNotFound
+from services.generate_request import GENERATE_PARAMS, Param, parse_params
+from services.generation import SamplingParams
+from services.llm_service import LLMService, check_fits
+from services.model_admin import ModelAdmin
+from services.stats import outcome_of
+
+_SHARED = {p.name: p for p in GENERATE_PARAMS}
+MIN_N_CTX = 256
+
+DEEPSEEK_PARAMS: tuple[Param, ...] = (
+    Param("prompt", "string", None, "the instruction or question (required)",
+          lambda v: None if v.strip() else "must not be empty", required=True),
+    Param("context", "string", "", "a document to work from, any length: chunked (map-reduce) "
+          "when it does not fit n_ctx"),
+    Param("model", "string", None, "model name from GET /api/deepseek/models; the first one if "
+          "omitted", lambda v: None if v.strip() else "must not be empty"),
+    replace(_SHARED["max_tokens"], help="tokens the answer may have (and each note, at most)"),
+    _SHARED["temperature"], _SHARED["top_p"], _SHARED["top_k"], _SHARED["repeat_penalty"],
+    _SHARED["seed"],
+    Param("n_ctx", "integer", None, f"context window of each step ({MIN_N_CTX} .. "
+          f"DEEPSEEK_MAX_CTX and the model's own); default DEEPSEEK_DEFAULT_CTX",
+          lambda v: None if v >= MIN_N_CTX else f"must be >= {MIN_N_CTX}"),
+    Param("chunk_size", "integer", None, "tokens per chunk when the context must be chunked; "
+          "default DEEPSEEK_CHUNK_SIZE, or less to fit", lambda v: None if v >= 16 else
+          "must be >= 16"),
+    Param("chunk_overlap", "integer", None, "tokens neighbouring chunks share; default "
+          "DEEPSEEK_CHUNK_OVERLAP, at most a quarter of the chunk",
+          lambda v: None if v >= 0 else "must be >= 0"),
+    _SHARED["stream"],
+)
+
+
+@dataclass(frozen=True)
+class DeepSeekLimits:
+    default_ctx: int
+    max_ctx: int
+    chunk_size: int
+    chunk_overlap: int
+
+
+@dataclass(frozen=True)
+class DeepSeekRequest:
+    prompt: str
+    context: str
+    model: str | None
+    n_ctx: int | None
+    chunk_size: int | None
+    chunk_overlap: int | None
+    sampling: SamplingParams
+    stream: bool
+
+    @classmethod
+    def from_json(cls, body: Any, max_ctx: int) -> "DeepSeekRequest":
+        """:raise InvalidRequest: unknown, missing or ill-typed fields, values out of range."""
+        values = parse_params(body, DEEPSEEK_PARAMS)
+        n_ctx, size, overlap = values["n_ctx"], values["chunk_size"], values["chunk_overlap"]
+        if n_ctx is not None and n_ctx > max_ctx:
+            raise InvalidRequest(f"n_ctx must be at most DEEPSEEK_MAX_CTX ({max_ctx})")
+        if values["max_tokens"] >= (n_ctx or max_ctx):
+            raise InvalidRequest("max_tokens must be smaller than n_ctx")
+        if size is not None and overlap is not None and overlap >= size:
+            raise InvalidRequest(f"chunk_overlap ({overlap}) must be smaller than chunk_size "
+                                 f"({size})")
+        sampling = SamplingParams(
+            max_tokens=values["max_tokens"], temperature=float(values["temperature"]),
+            top_p=float(values["top_p"]), top_k=values["top_k"],
+            repeat_penalty=float(values["repeat_penalty"]), seed=values["seed"])
+        return cls(prompt=values["prompt"], context=values["context"], model=values["model"],
+                   n_ctx=n_ctx, chunk_size=size, chunk_overlap=overlap,
+                   sampling=sampling, stream=values["stream"])
+
+
+class DeepSeekService:
+    """DeepSeek models, listed and resolved (the GGUF default as fallback), and generation."""
+
+    def __init__(self, admin: ModelAdmin, llm: LLMService, cache: ModelCache,
+                 limits: DeepSeekLimits, window: int, queue_timeout: float):
+        self.admin, self.llm, self.cache, self.limits = admin, llm, cache, limits
+        self.window, self.queue_timeout = window, queue_timeout
+
+    def parse_request(self, body: object) -> DeepSeekRequest:
+        """:raise InvalidRequest:"""
+        return DeepSeekRequest.from_json(body, self.limits.max_ctx)
+
+    def list_models(self) -> list[dict]:
+        """The DeepSeek models with metadata and load state, or the fallback when there are none."""
+        models, fallback = self.admin.list("deepseek"), False
+        if not models:
+            try:
+                models, fallback = [self.admin.describe(self._fallback().name, "gguf")], True
+            except ModelNotFound:
+                return []
+        loaded = [m for m in self.llm.pool.loaded_models() if m.n_ctx is not None]
+        for info in models:
+            mine = [m for m in loaded if m.name == info["name"] and m.instances]
+            info.update(fallback=fallback, loaded=bool(mine),
+                        instances=sum(m.instances for m in mine),
+                        in_use=sum(m.in_use for m in mine), contexts=[m.n_ctx for m in mine])
+        return models
+
+    def resolve(self, name: str | None) -> ModelFile:
+        """The named DeepSeek model, or the first; the GGUF default while there is none.
+
+        :raise ModelNotFound:
+        """
+        manager = self.admin.manager("deepseek")
+        if manager.list():
+            try:
+                return manager.resolve(name)
+            except ModelNotFound:
+                pass
+        else:
+            fallback = self._fallback()
+            if not name or name in (fallback.name, fallback.name.removesuffix(".gguf")):
+                return fallback
+        raise ModelNotFound(f"DeepSeek model {name!r} not found; GET /api/deepseek/models "
+                            f"lists the models")
+
+    def generate(self, request: DeepSeekRequest) -> DeepSeekResult:
+        """Run a request to the end. :raise BackendError: as `stream` and while running."""
+        run = self.stream(request)
+        try:
+            for event in run:
+                if isinstance(event, DeepSeekResult):
+                    return event
+        finally:
+            run.close()
+        raise AssertionError("a DeepSeek run ended without a result")
+
+    def stream(self, request: DeepSeekRequest) -> DeepSeekRun:
+        """Plan a request and start its first step, so that early errors raise here.
+
+        :raise ModelNotFound, InvalidRequest, ContextOverflow, TooBusy, QueueTimeout,
+            ModelLoadError, ShuttingDown:
+        """
+        model = self.resolve(request.model)
+        cleanup = ExitStack()
+        try:
+            plan = self._plan(cleanup.enter_context(self.cache.use(model)), request)
+            self.cache.add_context(plan.entry, plan.n_ctx)
+            runner = StepRunner(self.llm, model, plan.n_ctx, self.window, self.queue_timeout)
+            cleanup.callback(runner.close)
+            first = plan.single or plan.builder.map_step(plan.chunks[0])
+            first_step = runner.start_first(first, step_sampling(plan, request.sampling))
+        except BaseException as exc:
+            cleanup.close()
+            self.llm.stats.record_outcome(model.name, outcome_of(exc))
+            raise
+        events = run_events(plan, runner, first_step, request.sampling,
+                            self.llm.stats.record_outcome)
+        return DeepSeekRun(model.name, plan.chunking(), events, cleanup)
+
+    def evict(self, name: str) -> bool:
+        """Forget a DeepSeek model whose file was removed or replaced; close its instances."""
+        return self.cache.evict(name)
+
+    def close(self) -> None:
+        self.cache.close()
+
+    def _fallback(self) -> ModelFile:
+        return self.admin.manager("gguf").resolve(None)
+
+    def _plan(self, entry: CachedModel, request: DeepSeekRequest) -> Plan:
+        """Count the request in the model's tokens; chunk the context if it does not fit.
+
+        :raise InvalidRequest, ContextOverflow:
+        """
+        n_ctx = self._n_ctx(entry.model, request.n_ctx)
+        tokenizer = entry.tokenizer
+        builder = PromptBuilder(tokenizer.layout, tokenizer.tokenize, request.prompt)
+        context = tokenizer.tokenize(request.context) if request.context else []
+        plan = Plan(entry, n_ctx, builder, len(context))
+        single = builder.single(context)
+        max_tokens = request.sampling.max_tokens
+        if len(single) + max_tokens <= n_ctx:
+            plan.single = single
+            return plan
+        if not context:
+            check_fits(len(single), max_tokens, n_ctx)
+        plan.budget = plan_budget(builder, n_ctx, max_tokens, len(context), request.chunk_size,
+                                  request.chunk_overlap,
+                                  (self.limits.chunk_size, self.limits.chunk_overlap))
+        plan.chunks = split_tokens(context, plan.budget.chunk_size, plan.budget.overlap)
+        return plan
+
+    def _n_ctx(self, model: ModelFile, requested: int | None) -> int:
+        """:raise InvalidRequest: more context than the model was trained on."""
+        trained = model.context_length or self.limits.max_ctx
+        if requested is None:
+            return min(self.limits.default_ctx, trained)
+        if requested > trained:
+            raise InvalidRequest(f"n_ctx {requested} exceeds the {trained} tokens of context "
+                                 f"{model.name} was trained on", n_ctx=requested,
+                                 context_length=trained)
+        return requested
+
+
+def build_deepseek(config: Any, admin: ModelAdmin, llm: LLMService) -> DeepSeekService:
+    """The DeepSeek service from the settings, on the app's shared services."""
+    limits = DeepSeekLimits(config.DEEPSEEK_DEFAULT_CTX, config.DEEPSEEK_MAX_CTX,
+                            config.DEEPSEEK_CHUNK_SIZE, config.DEEPSEEK_CHUNK_OVERLAP)
+    return DeepSeekService(admin, llm, ModelCache(config.DEEPSEEK_CACHE_SIZE, llm.pool), limits,
+                           window=min(config.MODEL_POOL_SIZE, config.MAX_WORKERS),
+                           queue_timeout=config.QUEUE_TIMEOUT)

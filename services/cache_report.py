@@ -1,0 +1,93 @@
+"""What /cache/status shows of each model cache: instances, LRU order, hits / misses / evictions.
+
+Any cache of loaded models (the GGUF pool today, DeepSeek's later) reports through the same
+`ModelCache` shape, so adding one to `Backend.caches` is all it takes to show it.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Callable, Iterable, Protocol
+
+from services.errors import ModelNotFound
+from services.load_meter import LoadMeter
+from services.memory import estimate_load
+from services.model_pool import LoadedModel, ModelPool, model_of
+
+# (model name, instances loaded, their n_ctx or None) -> estimated bytes, None if unknown.
+Estimate = Callable[[str, int, "int | None"], "int | None"]
+
+
+class ModelCache(Protocol):
+    """A cache of loaded models. `cache_status()` returns at least: name, hits, misses,
+    evictions, lru_order (least recently used first) and models in that order (each with
+    name, instances, idle, in_use and memory {bytes, source})."""
+
+    name: str
+
+    def cache_status(self) -> dict: ...
+
+
+class PoolCache:
+    """The ModelPool seen as a model cache: every loaded llama.cpp instance, of any model, with
+    its memory. Instances DeepSeek loads at its own context size are listed apart (`n_ctx`)."""
+
+    def __init__(self, name: str, pool: ModelPool, meter: LoadMeter, estimate: Estimate):
+        self.name = name
+        self._pool, self._meter, self._estimate = pool, meter, estimate
+
+    def cache_status(self) -> dict:
+        models = sorted((m for m in self._pool.loaded_models() if m.instances or m.loading),
+                        key=lambda m: m.last_used)
+        return {
+            "name": self.name,
+            "instances_per_model": self._pool.size,
+            **self._pool.cache_counts(),
+            "lru_order": [_label(m) for m in models],
+            "models": [self._describe(model) for model in models],
+        }
+
+    def _describe(self, model: LoadedModel) -> dict:
+        record = self._meter.record(model.path, model.n_ctx)
+        return {
+            "name": model.name, "n_ctx": model.n_ctx, "instances": model.instances, "idle": model.instances - model.in_use,
+            "in_use": model.in_use, "loading": model.loading,
+            "last_used": _iso(model.last_used),
+            "last_load_seconds": round(record.last_seconds, 3) if record and record.last_seconds else None,
+            "memory": self._memory(model, record),
+        }
+
+    def _memory(self, model: LoadedModel, record) -> dict:
+        """Measured RSS growth of its instances' loads when known, else the metadata estimate."""
+        measured = record.measured_bytes(model.instances) if record else None
+        if measured is not None:
+            return {"bytes": measured, "source": "measured_rss_at_load"}
+        return {"bytes": self._estimate(model.name, model.instances, model.n_ctx),
+                "source": "estimate"}
+
+
+def _label(model: LoadedModel) -> str:
+    """The model's name, with its context size when it is not the default one."""
+    return model.name if model.n_ctx is None else f"{model.name} (n_ctx={model.n_ctx})"
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(
+        timespec="seconds")
+
+
+def registry_estimate(managers: Iterable, default_n_ctx: int) -> Estimate:
+    """Estimate from the ModelManagers' GGUF metadata: the weights once, a KV cache per instance."""
+    managers = list(managers)
+
+    def estimate(name: str, instances: int, n_ctx: int | None) -> int | None:
+        for manager in managers:
+            try:
+                model = manager.resolve(model_of(name))
+            except ModelNotFound:
+                continue
+            cost = estimate_load(model.size_bytes, model.kv_bytes_per_token, n_ctx or default_n_ctx)
+            return cost.weights_bytes + cost.kv_cache_bytes * max(1, instances)
+        return None
+
+    return estimate

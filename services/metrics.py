@@ -1,0 +1,126 @@
+"""Prometheus exposition of the counters the services keep (GET /metrics).
+
+A collector reads the same objects /stats reads at scrape time, so the two can never disagree,
+and nothing is counted twice. Each app gets its own CollectorRegistry (never the global one), so
+many apps can live in one process, as the tests build them. Label values are bounded: route
+templates, status codes, outcomes, and the names of models that exist.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from services.reports import cache_statuses
+
+
+class BackendCollector(Collector):
+    """Reads one backend's statistics, concurrency state and model caches on every scrape."""
+
+    def __init__(self, backend):
+        self._backend = backend
+
+    def collect(self) -> Iterator:
+        yield from self._requests()
+        yield from self._usage()
+        yield from self._concurrency()
+        yield from self._caches()
+
+    def _requests(self) -> Iterator:
+        http = CounterMetricFamily("llm_http_requests", "API requests answered, by route template "
+                                   "and status (monitoring endpoints not counted)",
+                                   labels=["method", "route", "status"])
+        for (method, route, status), count in sorted(self._backend.requests.by_status().items()):
+            http.add_metric([method, route, str(status)], count)
+        uptime = GaugeMetricFamily("llm_uptime_seconds", "seconds since the app started")
+        uptime.add_metric([], time.monotonic() - self._backend.started_at)
+        return [http, uptime]
+
+    def _usage(self) -> Iterator:
+        stats = self._backend.stats
+        outcomes = CounterMetricFamily("llm_model_requests", "generation requests per model and "
+                                       "outcome", labels=["model", "outcome"])
+        prompt = CounterMetricFamily("llm_prompt_tokens", "prompt tokens evaluated", labels=["model"])
+        completion = CounterMetricFamily("llm_completion_tokens", "tokens generated",
+                                         labels=["model"])
+        for model, usage in stats.by_model().items():
+            for outcome in ("succeeded", "failed", "rejected", "timed_out", "cancelled"):
+                outcomes.add_metric([model, outcome], usage[outcome])
+            prompt.add_metric([model], usage["prompt_tokens"])
+            completion.add_metric([model], usage["completion_tokens"])
+        latency = HistogramMetricFamily("llm_request_latency_seconds", "completed generations, "
+                                        "from admission to last token", labels=["model"])
+        ttft = HistogramMetricFamily("llm_time_to_first_token_seconds", "from admission to the "
+                                     "first sampled token", labels=["model"])
+        for model, histograms in stats.histograms().items():
+            latency.add_metric([model], *histograms["latency"])
+            ttft.add_metric([model], *histograms["ttft"])
+        return [outcomes, prompt, completion, latency, ttft]
+
+    def _concurrency(self) -> Iterator:
+        snapshot = self._backend.concurrency.snapshot()
+        for name, value, help_text in (
+                ("llm_requests_in_flight", snapshot.in_flight, "admitted requests (active + queued)"),
+                ("llm_requests_active", snapshot.active, "requests holding a model instance"),
+                ("llm_queue_depth", snapshot.queued, "admitted requests waiting for a worker or "
+                                                     "an instance"),
+                ("llm_workers_busy", snapshot.workers_busy, "worker threads running a request"),
+                ("llm_max_concurrent_requests", snapshot.max_concurrent_requests,
+                 "MAX_CONCURRENT_REQUESTS"),
+                ("llm_max_workers", snapshot.max_workers, "MAX_WORKERS")):
+            gauge = GaugeMetricFamily(name, help_text)
+            gauge.add_metric([], value)
+            yield gauge
+        rejected = CounterMetricFamily("llm_rejected_requests", "requests refused with 429 "
+                                       "(MAX_CONCURRENT_REQUESTS reached)")
+        rejected.add_metric([], snapshot.rejected)
+        timeouts = CounterMetricFamily("llm_timeouts", "requests that ran out of time, by stage",
+                                       labels=["stage"])
+        timeouts.add_metric(["queue"], snapshot.queue_timed_out)
+        timeouts.add_metric(["generation"], snapshot.timed_out)
+        yield from (rejected, timeouts)
+
+    def _caches(self) -> Iterator:
+        instances = GaugeMetricFamily("llm_pool_instances", "llama.cpp instances by state "
+                                      "(every context size of a model together)",
+                                      labels=["model", "state"])
+        by_model: dict[str, dict[str, int]] = {}
+        for model in self._backend.pool.loaded_models():
+            counts = by_model.setdefault(model.name, {"idle": 0, "in_use": 0, "loading": 0})
+            counts["idle"] += model.instances - model.in_use
+            counts["in_use"] += model.in_use
+            counts["loading"] += model.loading
+        for name, counts in sorted(by_model.items()):
+            for state, count in counts.items():
+                instances.add_metric([name, state], count)
+        counters = {key: CounterMetricFamily(f"llm_model_cache_{key}", f"model cache {key}",
+                                             labels=["cache"])
+                    for key in ("hits", "misses", "evictions")}
+        for status in cache_statuses(self._backend):
+            for key, family in counters.items():
+                family.add_metric([status["name"]], status[key])
+        loads = HistogramMetricFamily("llm_model_load_duration_seconds", "time to load one "
+                                      "model instance", labels=["model"])
+        for model, snapshot in self._backend.load_meter.durations().items():
+            loads.add_metric([model], *snapshot)
+        return [instances, *counters.values(), loads]
+
+
+def build_registry(backend) -> CollectorRegistry:
+    """A registry of this backend's metrics plus the process's CPU, memory and file handles."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(BackendCollector(backend))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry, accept: str = "") -> tuple[bytes, str]:
+    """(exposition, content type) for one scrape, in the format its Accept header asks for:
+    the classic text format (0.0.4) by default, OpenMetrics when the scraper prefers it."""
+    encode, content_type = choose_encoder(accept)
+    return encode(registry), content_type

@@ -1,0 +1,180 @@
+"""Ollama request bodies (/api/generate, /api/chat, /api/embed, …) as typed requests.
+
+Ollama names models `name:tag`; here a model file `gemma-3-270m-q4_k_m.gguf` is
+`gemma-3-270m-q4_k_m:latest`, and requests may use either form. `options` map to the same
+sampling parameters as every other API, with Ollama's defaults. Options that tune the runtime
+rather than the output (num_ctx, num_thread, …) are accepted and have no effect here, as the
+server's own settings decide them; other unknown options are refused rather than ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from services.chat import ChatMessage, ChatPrompt, parse_messages
+from services.errors import InvalidRequest
+from services.generate_request import Param, _at_least, _range, _stop_list, parse_params
+from services.generation import SamplingParams
+from services.json_mode import any_json_object, schema_grammar
+from services.llm_service import Prompt
+
+TAG = ":latest"
+SUFFIX = ".gguf"
+
+OPTION_PARAMS: tuple[Param, ...] = (
+    Param("num_predict", "integer", -1, "tokens to generate at most; -1 or -2 = until the reply "
+          "ends or the context is full", lambda v: None if v >= 1 or v in (-1, -2)
+          else "must be -1, -2 or at least 1"),
+    Param("temperature", "number", 0.8, "sampling temperature, 0 = greedy (0 .. 2)", _range(0, 2)),
+    Param("top_k", "integer", 40, "sample among the k likeliest tokens, 0 = all", _at_least(0)),
+    Param("top_p", "number", 0.9, "nucleus sampling (0 .. 1)", _range(0, 1)),
+    Param("repeat_penalty", "number", 1.1, "penalty for repeated tokens (0 .. 10)", _range(0, 10)),
+    Param("presence_penalty", "number", 0.0, "(-2 .. 2)", _range(-2, 2)),
+    Param("frequency_penalty", "number", 0.0, "(-2 .. 2)", _range(-2, 2)),
+    Param("seed", "integer", None, "sampling seed; negative = random", _range(-(2**31), 2**32 - 1)),
+    Param("stop", "array of strings", [], "strings that end generation", _stop_list),
+)
+# Runtime and hardware options: the server's settings (N_CTX, N_THREADS, …) decide these.
+RUNTIME_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep",
+                   "use_mmap", "use_mlock", "numa", "low_vram", "vocab_only", "logits_all",
+                   "embedding_only")
+
+_COMMON = (
+    Param("model", "string", None, "model name from GET /api/tags (default model if omitted)"),
+    Param("format", "string or object", None, '"json", or a JSON Schema: output constrained to '
+          "parse as JSON"),
+    Param("options", "object", None,
+          "sampling options: " + ", ".join(p.name for p in OPTION_PARAMS)),
+    Param("stream", "boolean", True, "stream NDJSON lines (the default); false for one object"),
+    Param("keep_alive", "string or number", None, "accepted; instances stay loaded until evicted"),
+    Param("think", "boolean", False, "only false", lambda v: "is not supported" if v else None),
+    Param("logprobs", "boolean", False, "only false", lambda v: "is not supported" if v else None),
+    Param("top_logprobs", "integer", None, "not supported", lambda v: "is not supported"),
+)
+GENERATE_PARAMS: tuple[Param, ...] = (
+    *_COMMON,
+    Param("prompt", "string", "", "the prompt; empty only reports the model as loaded"),
+    Param("system", "string", None, "system message"),
+    Param("raw", "boolean", False, "send the prompt as it is, without the chat template"),
+    Param("suffix", "string", None, "not supported", lambda v: "is not supported" if v else None),
+    Param("template", "string", None, "not supported", lambda v: "is not supported" if v else None),
+    Param("context", "array", None, "not supported", lambda v: "is not supported" if v else None),
+    Param("images", "array", None, "not supported", lambda v: "is not supported" if v else None),
+)
+CHAT_PARAMS: tuple[Param, ...] = (
+    *_COMMON,
+    Param("messages", "array", [], "the conversation, [{role, content}]; empty only reports the "
+          "model as loaded"),
+    Param("tools", "array", None, "not supported (only empty)",
+          lambda v: "is not supported" if v else None),
+)
+EMBED_PARAMS: tuple[Param, ...] = (
+    Param("model", "string", None, "model name (default model if omitted)"),
+    Param("input", "string or array", None, "a text or a list of texts (required)", required=True),
+    Param("truncate", "boolean", True, "cut inputs longer than the context instead of refusing"),
+    Param("options", "object", None, "accepted, not used"),
+    Param("keep_alive", "string or number", None, "accepted, not used"),
+    Param("dimensions", "integer", None, "not supported", lambda v: "is not supported"),
+)
+MODEL_PARAMS: tuple[Param, ...] = (
+    Param("model", "string", None, "model name (required)"),
+    Param("name", "string", None, "older name of model"),
+    Param("verbose", "boolean", False, "accepted"),
+)
+
+
+@dataclass(frozen=True)
+class OllamaGeneration:
+    """A generate or chat request; `prompt` None means "load only" (an empty prompt)."""
+
+    model: str | None
+    prompt: Prompt | None
+    sampling: SamplingParams
+    stream: bool
+    chat: bool
+
+
+def model_name(name: str | None) -> str | None:
+    """Our model name for an Ollama one: `x:latest` is `x` (resolved with or without .gguf)."""
+    if name and name.endswith(TAG):
+        return name[: -len(TAG)]
+    return name
+
+
+def ollama_name(name: str) -> str:
+    """The Ollama-style name of a model file: `x.gguf` is `x:latest`."""
+    return (name[: -len(SUFFIX)] if name.endswith(SUFFIX) else name) + TAG
+
+
+def parse_generate(body: Any, n_ctx: int) -> OllamaGeneration:
+    """:raise InvalidRequest: not a generate request this server can run."""
+    values = parse_params(body, GENERATE_PARAMS)
+    prompt: Prompt | None = None
+    if values["prompt"]:
+        if values["raw"]:
+            prompt = values["prompt"]
+        else:
+            system = (ChatMessage("system", values["system"]),) if values["system"] else ()
+            prompt = ChatPrompt((*system, ChatMessage("user", values["prompt"])))
+    return _generation(values, prompt, n_ctx, chat=not values["raw"])
+
+
+def parse_chat(body: Any, n_ctx: int) -> OllamaGeneration:
+    """:raise InvalidRequest: not a chat request this server can run."""
+    values = parse_params(body, CHAT_PARAMS)
+    prompt = ChatPrompt(parse_messages(values["messages"])) if values["messages"] else None
+    return _generation(values, prompt, n_ctx, chat=True)
+
+
+def parse_embed(body: Any) -> dict:
+    """:raise InvalidRequest: not an embed request."""
+    values = parse_params(body, EMBED_PARAMS)
+    return {"model": model_name(values["model"]), "input": values["input"],
+            "truncate": values["truncate"]}
+
+
+def parse_model(body: Any) -> str:
+    """The model a show or delete request names.
+
+    :raise InvalidRequest: it names none.
+    """
+    values = parse_params(body, MODEL_PARAMS)
+    name = values["model"] or values["name"]
+    if not name:
+        raise InvalidRequest("model is required", param="model")
+    return model_name(name)
+
+
+def _generation(values: dict, prompt: Prompt | None, n_ctx: int, chat: bool) -> OllamaGeneration:
+    options = values["options"] or {}
+    unknown = sorted(set(options) - {p.name for p in OPTION_PARAMS} - set(RUNTIME_OPTIONS))
+    if unknown:
+        raise InvalidRequest(f"unsupported option(s): {', '.join(unknown)}; supported: "
+                             f"{', '.join(p.name for p in OPTION_PARAMS)}", param="options")
+    sampling_values = parse_params({k: v for k, v in options.items() if k not in RUNTIME_OPTIONS},
+                                   OPTION_PARAMS)
+    max_tokens = sampling_values["num_predict"] if sampling_values["num_predict"] > 0 else None
+    if max_tokens is not None and max_tokens > n_ctx:
+        raise InvalidRequest(f"num_predict must be at most the context size ({n_ctx})",
+                             param="options")
+    seed = sampling_values["seed"]
+    sampling = SamplingParams(
+        max_tokens=max_tokens, temperature=float(sampling_values["temperature"]),
+        top_p=float(sampling_values["top_p"]), top_k=sampling_values["top_k"],
+        repeat_penalty=float(sampling_values["repeat_penalty"]),
+        stop=tuple(sampling_values["stop"]), seed=seed if seed is not None and seed >= 0 else None,
+        presence_penalty=float(sampling_values["presence_penalty"]),
+        frequency_penalty=float(sampling_values["frequency_penalty"]),
+        grammar=_format_grammar(values["format"]))
+    return OllamaGeneration(model_name(values["model"]), prompt, sampling, values["stream"], chat)
+
+
+def _format_grammar(output_format: str | dict | None) -> str | None:
+    if not output_format:
+        return None
+    if output_format == "json":
+        return any_json_object()
+    if isinstance(output_format, dict):
+        return schema_grammar(output_format, "format")
+    raise InvalidRequest('format must be "json" or a JSON Schema object', param="format")

@@ -1,0 +1,179 @@
+"""OpenAI request bodies (/v1) as typed requests: each field's type, default and bounds, once.
+
+The tables validate requests and document them on the docs page. Unknown fields are refused
+(as OpenAI does); fields OpenAI defines that this server cannot honour are accepted only with
+the value that means "off" (n = 1, no tools, no logprobs), so nothing is silently ignored
+except bookkeeping fields (user, store, metadata).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from services.chat import ChatPrompt, parse_messages
+from services.errors import InvalidRequest
+from services.generate_request import (MAX_STOP_STRINGS, Param, _at_least, _range, _stop_list,
+                                       parse_params)
+from services.generation import SamplingParams
+from services.json_mode import any_json_object, schema_grammar
+from services.llm_service import Prompt
+
+
+def _only(allowed: Any) -> Callable[[Any], str | None]:
+    return lambda v: None if v == allowed else f"is not supported by this server (only {allowed!r})"
+
+
+def _empty(value: Any) -> str | None:
+    return "is not supported by this server" if value else None
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+_MODEL = Param("model", "string", None, "model id from GET /v1/models (default model if omitted)")
+_SAMPLING = (
+    Param("temperature", "number", 1.0, "sampling temperature, 0 = greedy (0 .. 2)", _range(0, 2)),
+    Param("top_p", "number", 1.0, "nucleus sampling (0 .. 1)", _range(0, 1)),
+    Param("stop", "array of strings", [], f"a string or up to {MAX_STOP_STRINGS} strings that "
+          "end generation", _stop_list),
+    Param("seed", "integer", None, "sampling seed: same seed, same reply (0 .. 2^32-1)",
+          _range(0, 2**32 - 1)),
+    Param("presence_penalty", "number", 0.0, "penalty for tokens already present (-2 .. 2)",
+          _range(-2, 2)),
+    Param("frequency_penalty", "number", 0.0, "penalty by how often a token appeared (-2 .. 2)",
+          _range(-2, 2)),
+    Param("n", "integer", 1, "choices per request: only 1", _only(1)),
+    Param("stream", "boolean", False, "stream chunks as server-sent events, ending with "
+          "data: [DONE]"),
+    Param("stream_options", "object", None, '{"include_usage": true} adds a last chunk with '
+          "usage"),
+    Param("logit_bias", "object", None, "not supported (only empty)", _empty),
+    Param("user", "string", None, "accepted, not used"),
+)
+
+COMPLETION_PARAMS: tuple[Param, ...] = (
+    _MODEL,
+    Param("prompt", "string or array", None, "text to continue: a string, a list of one string, "
+          "or token ids (required)", required=True),
+    Param("max_tokens", "integer", 16, "tokens to generate at most (1 .. context size)",
+          _at_least(1)),
+    *_SAMPLING,
+    Param("echo", "boolean", False, "only false", _only(False)),
+    Param("best_of", "integer", 1, "only 1", _only(1)),
+    Param("logprobs", "integer", None, "not supported", _empty),
+    Param("suffix", "string", None, "not supported", _empty),
+)
+
+CHAT_PARAMS: tuple[Param, ...] = (
+    _MODEL,
+    Param("messages", "array", None, "the conversation, [{role, content}]; roles system, "
+          "developer, user, assistant (required)", required=True),
+    Param("max_tokens", "integer", None, "tokens to generate at most; default: until the reply "
+          "ends or the context is full", _at_least(1)),
+    Param("max_completion_tokens", "integer", None, "the newer name of max_tokens", _at_least(1)),
+    *_SAMPLING,
+    Param("response_format", "object", None, '{"type": "json_object"}, or {"type": '
+          '"json_schema", "json_schema": {"schema": {...}}}: output constrained to parse as JSON'),
+    Param("logprobs", "boolean", False, "only false", _only(False)),
+    Param("top_logprobs", "integer", None, "not supported", _empty),
+    Param("tools", "array", None, "not supported (only empty)", _empty),
+    Param("functions", "array", None, "not supported (only empty)", _empty),
+    Param("tool_choice", "string", None, "only none or auto (there are no tools)",
+          _one_of("none", "auto")),
+    Param("parallel_tool_calls", "boolean", None, "accepted, not used"),
+    Param("store", "boolean", None, "accepted, not used"),
+    Param("metadata", "object", None, "accepted, not used"),
+)
+
+EMBEDDING_PARAMS: tuple[Param, ...] = (
+    _MODEL,
+    Param("input", "string or array", None, "a text or a list of texts (required)",
+          required=True),
+    Param("encoding_format", "string", "float", "float, or base64 (little-endian float32, what "
+          "the openai package asks for)", _one_of("float", "base64")),
+    Param("dimensions", "integer", None, "not supported: vectors have the model's size", _empty),
+    Param("user", "string", None, "accepted, not used"),
+)
+
+
+@dataclass(frozen=True)
+class OpenAIGeneration:
+    """A completion or chat request, ready for `LLMService.stream_prompt`."""
+
+    model: str | None
+    prompt: Prompt
+    sampling: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True)
+class OpenAIEmbedding:
+    model: str | None
+    inputs: Any
+    encoding_format: str
+
+
+def parse_completion(body: Any, n_ctx: int) -> OpenAIGeneration:
+    """:raise InvalidRequest: the body is not a completion request this server can run."""
+    values = parse_params(body, COMPLETION_PARAMS)
+    return _generation(values, _completion_prompt(values["prompt"]), values["max_tokens"], n_ctx)
+
+
+def parse_chat(body: Any, n_ctx: int) -> OpenAIGeneration:
+    """:raise InvalidRequest: the body is not a chat request this server can run."""
+    values = parse_params(body, CHAT_PARAMS)
+    max_tokens = values["max_completion_tokens"] or values["max_tokens"]
+    return _generation(values, ChatPrompt(parse_messages(values["messages"])), max_tokens, n_ctx,
+                       grammar=_response_grammar(values["response_format"]))
+
+
+def parse_embedding(body: Any) -> OpenAIEmbedding:
+    """:raise InvalidRequest: the body is not an embeddings request."""
+    values = parse_params(body, EMBEDDING_PARAMS)
+    return OpenAIEmbedding(values["model"], values["input"], values["encoding_format"])
+
+
+def _generation(values: dict, prompt: Prompt, max_tokens: int | None, n_ctx: int,
+                grammar: str | None = None) -> OpenAIGeneration:
+    if max_tokens is not None and max_tokens > n_ctx:
+        raise InvalidRequest(f"max_tokens must be at most the context size ({n_ctx})",
+                             param="max_tokens")
+    options = values["stream_options"] or {}
+    sampling = SamplingParams(
+        max_tokens=max_tokens, temperature=float(values["temperature"]),
+        top_p=float(values["top_p"]), top_k=40, repeat_penalty=1.0, stop=tuple(values["stop"]),
+        seed=values["seed"], presence_penalty=float(values["presence_penalty"]),
+        frequency_penalty=float(values["frequency_penalty"]), grammar=grammar)
+    return OpenAIGeneration(values["model"], prompt, sampling, values["stream"],
+                            bool(options.get("include_usage")))
+
+
+def _completion_prompt(prompt: str | list) -> Prompt:
+    """A string, a list of one string, or a list of token ids; several prompts are refused."""
+    if isinstance(prompt, str):
+        return prompt
+    if len(prompt) == 1 and isinstance(prompt[0], str):
+        return prompt[0]
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
+        return list(prompt)
+    raise InvalidRequest("prompt must be a string, a list of one string, or a list of token ids "
+                         "(one prompt per request)", param="prompt")
+
+
+def _response_grammar(response_format: dict | None) -> str | None:
+    """The grammar a response_format asks for; None for plain text."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return any_json_object()
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        return schema_grammar(schema if schema is not None else {"type": "object"},
+                              "response_format")
+    raise InvalidRequest("response_format.type must be text, json_object or json_schema",
+                         param="response_format")

@@ -1,0 +1,80 @@
+"""Counts of API requests per endpoint and status, fed by the HTTP layer once per reply.
+
+Endpoints are route templates (`POST /api/v1/models/<name>`), never raw paths, so the set of
+keys (and of Prometheus label values) stays bounded whatever clients send.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+from services.errors import GenerationTimeout, QueueTimeout
+from services.stats import OUTCOMES
+
+# Route of a request that matched no rule (404s for unknown paths): one bucket for all of them.
+UNMATCHED = "<unmatched>"
+# The `error` codes a reply can carry that mean "timed out" (queue wait or generation).
+_TIMEOUT_CODES = {GenerationTimeout.code, QueueTimeout.code}
+CLIENT_DISCONNECTED = "client_disconnected"
+
+
+def classify(status: int, error_code: str | None) -> str:
+    """The outcome of one reply: rejected (429), timed_out, cancelled, failed or succeeded.
+
+    A stream can fail after its 200 went out, so the error code of its last event counts too.
+    """
+    if status == 429:
+        return "rejected"
+    if error_code in _TIMEOUT_CODES:
+        return "timed_out"
+    if error_code == CLIENT_DISCONNECTED:
+        return "cancelled"
+    if status >= 400 or error_code:
+        return "failed"
+    return "succeeded"
+
+
+class RequestCounts:
+    """Thread-safe counts keyed by (method, route, status) and by (method, route, outcome)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._statuses: Counter[tuple[str, str, int]] = Counter()
+        self._outcomes: Counter[tuple[str, str, str]] = Counter()
+
+    def record(self, method: str, route: str | None, status: int, error_code: str | None) -> str:
+        """Count one finished reply; returns its outcome."""
+        outcome = classify(status, error_code)
+        route = route or UNMATCHED
+        with self._lock:
+            self._statuses[method, route, status] += 1
+            self._outcomes[method, route, outcome] += 1
+        return outcome
+
+    def by_status(self) -> dict[tuple[str, str, int], int]:
+        """{(method, route, status): count}, for /metrics."""
+        with self._lock:
+            return dict(self._statuses)
+
+    def summary(self) -> dict:
+        """{"total", <outcome>: n..., "endpoints": {"POST /route": {"total", outcomes, "statuses"}}}."""
+        with self._lock:
+            statuses, outcomes = dict(self._statuses), dict(self._outcomes)
+        endpoints: dict[str, dict] = {}
+        for (method, route, outcome), count in sorted(outcomes.items()):
+            entry = endpoints.setdefault(f"{method} {route}", _empty())
+            entry[outcome] += count
+            entry["total"] += count
+        for (method, route, status), count in sorted(statuses.items()):
+            endpoints[f"{method} {route}"]["statuses"][str(status)] = count
+        totals = _empty()
+        del totals["statuses"]
+        for entry in endpoints.values():
+            for key in ("total", *OUTCOMES):
+                totals[key] += entry[key]
+        return {**totals, "endpoints": dict(sorted(endpoints.items()))}
+
+
+def _empty() -> dict:
+    return {"total": 0, **dict.fromkeys(OUTCOMES, 0), "statuses": {}}
