@@ -108,7 +108,7 @@ class GenerationStream:
         try:
             while True:
                 try:
-                    event = self._service._next_event(self._job, self._events)
+                    event = next_event(self._job, self._events)
                 except BaseException as exc:
                     self._settle(outcome_of(exc))
                     raise
@@ -134,7 +134,7 @@ class GenerationStream:
         :raise QueueTimeout, ContextOverflow, ModelLoadError, InsufficientMemory, ShuttingDown:
         """
         try:
-            self.started = self._service._next_event(self._job, self._events)
+            self.started = next_event(self._job, self._events)
         except BaseException as exc:
             self._settle(outcome_of(exc))
             self._job.cancel()
@@ -268,9 +268,6 @@ class LLMService:
             now - job.started_at if job.started_at is not None else 0.0,
             latency_seconds=now - received_at,
             ttft_seconds=result.first_token_at - received_at if result.first_token_at else None)
-
-    def _next_event(self, job: Job, events: queue.Queue) -> Started | Token | Finished:
-        return next_event(job, events)
 
 
 def next_event(job: Job, events: queue.Queue) -> Any:
