@@ -65,48 +65,43 @@ class SSEData(str):
     """Text sent as it is in one `data:` event (OpenAI's closing `data: [DONE]`)."""
 
 
-def sse_response(events: Iterable[dict | str]) -> Response:
-    """A text/event-stream response: one `data: <json>` event per dict; a str is sent as an SSE
-    comment (`: keep-alive`), which clients ignore, to keep a quiet stream alive."""
+def _streamed(events: Iterable, encode: Callable[[Any], str], mimetype: str) -> Response:
+    """A response that writes each event as it comes, unbuffered by proxies."""
 
-    def encode() -> Iterator[str]:
+    def body() -> Iterator[str]:
         try:
             for event in events:
-                if isinstance(event, SSEData):
-                    yield f"data: {event}\n\n"
-                    continue
-                if isinstance(event, str):
-                    yield f": {event}\n\n"
-                    continue
-                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+                yield encode(event)
         finally:
             # The server closes this iterator when the client goes away; pass that on at once.
             close = getattr(events, "close", None)
             if close is not None:
                 close()
 
-    response = Response(encode(), mimetype="text/event-stream")
+    response = Response(body(), mimetype=mimetype)
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"
     return response
+
+
+def _sse_event(event: dict | str) -> str:
+    if isinstance(event, SSEData):
+        return f"data: {event}\n\n"
+    if isinstance(event, str):
+        return f": {event}\n\n"
+    return f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+
+
+def sse_response(events: Iterable[dict | str]) -> Response:
+    """A text/event-stream response: one `data: <json>` event per dict; a str is sent as an SSE
+    comment (`: keep-alive`), which clients ignore, to keep a quiet stream alive."""
+    return _streamed(events, _sse_event, "text/event-stream")
 
 
 def ndjson_response(events: Iterable[dict]) -> Response:
     """An application/x-ndjson response (Ollama's streams): one JSON object per line."""
-
-    def encode() -> Iterator[str]:
-        try:
-            for event in events:
-                yield json.dumps(event, ensure_ascii=False) + "\n"
-        finally:
-            close = getattr(events, "close", None)   # the client went away: stop at once
-            if close is not None:
-                close()
-
-    response = Response(encode(), mimetype="application/x-ndjson")
-    response.headers["Cache-Control"] = "no-cache"
-    response.headers["X-Accel-Buffering"] = "no"
-    return response
+    return _streamed(events, lambda event: json.dumps(event, ensure_ascii=False) + "\n",
+                     "application/x-ndjson")
 
 
 class UploadRequest(Request):
