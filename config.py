@@ -115,7 +115,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("MEMORY_RESERVE_BYTES", _int(0), 512 * MiB, "memory a model load must leave free"),
     Setting("MODEL_PROBE_TIMEOUT", _float(1), 300.0, "seconds a new model's test load may take"),
     Setting("MAX_REQUEST_BYTES", _int(1024), 16 * MiB, "largest JSON body; larger gets 413"),
-    Setting("CORS_ORIGINS", _csv, None, "allowed origins (* in development, none otherwise)"),
+    Setting("CORS_ORIGINS", _csv, None, "origins allowed cross-origin (* in development: reads only)"),
+    Setting("ALLOWED_HOSTS", _csv, None,
+            "Host header values served (default: localhost, 127.0.0.1, ::1 and HOST; * for any)"),
+    Setting("CHAT_TEMPLATE_TIMEOUT", _float(0.01), 2.0,
+            "seconds a model's chat template may take to render one prompt"),
+    Setting("DEEPSEEK_MAX_STEPS", _int(1), 64, "most map steps one DeepSeek request may plan"),
     Setting("API_KEYS", _csv, (), "when set, `Authorization: Bearer <key>` is required"),
 )
 
@@ -143,6 +148,8 @@ class Config:
     def _check(self) -> None:
         if not self.SECRET_KEY:
             self.SECRET_KEY = secrets.token_hex(32)
+        if self.ALLOWED_HOSTS is None:
+            self.ALLOWED_HOSTS = tuple(dict.fromkeys(("localhost", "127.0.0.1", "::1", self.HOST)))
         if self.DEEPSEEK_DEFAULT_CTX > self.DEEPSEEK_MAX_CTX:
             raise ConfigError("DEEPSEEK_DEFAULT_CTX must not exceed DEEPSEEK_MAX_CTX")
         if self.DEEPSEEK_CHUNK_OVERLAP >= self.DEEPSEEK_CHUNK_SIZE:

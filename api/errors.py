@@ -12,18 +12,22 @@ from services import errors as e
 
 STATUS_BY_ERROR: dict[type[e.BackendError], int] = {
     e.InvalidRequest: 400,
+    e.HostNotAllowed: 400,
     e.Unauthorized: 401,
+    e.OriginNotAllowed: 403,
     e.ModelNotFound: 404,
+    e.ClientTimeout: 408,
     e.ModelConflict: 409,
     e.PayloadTooLarge: 413,
     e.UnloadableModel: 422,
+    e.ChatTemplateError: 422,
     e.TooBusy: 429,
     e.ModelLoadError: 500,
-    e.ChatTemplateError: 500,
     e.QueueTimeout: 503,
     e.ShuttingDown: 503,
     e.GenerationTimeout: 504,
     e.InsufficientMemory: 507,
+    e.InsufficientStorage: 507,
 }
 
 # Werkzeug's names, where the contract wants a different code.

@@ -60,6 +60,30 @@ class Unauthorized(BackendError):
     code = "unauthorized"
 
 
+class HostNotAllowed(BackendError):
+    """The Host header names no host in ALLOWED_HOSTS (a DNS-rebinding page, say)."""
+
+    code = "host_not_allowed"
+
+
+class OriginNotAllowed(BackendError):
+    """A state-changing request from a web origin that CORS_ORIGINS does not name."""
+
+    code = "origin_not_allowed"
+
+
+class InsufficientStorage(BackendError):
+    """The disk filled while a file was written; nothing partial was kept."""
+
+    code = "insufficient_storage"
+
+
+class ClientTimeout(BackendError):
+    """The client stalled while sending its request."""
+
+    code = "request_timeout"
+
+
 class TooBusy(BackendError):
     """Admission refused: MAX_CONCURRENT_REQUESTS are already in flight."""
 
@@ -93,7 +117,8 @@ class ModelLoadError(BackendError):
 
 
 class ChatTemplateError(BackendError):
-    """A model's chat template failed, or tried what its sandbox forbids (and did not run)."""
+    """A model's chat template failed, ran over its time or size bound, or tried what its
+    sandbox forbids (and did not run): a fault of the model file, not of the server."""
 
     code = "chat_template_error"
 
