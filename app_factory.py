@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from flask import Flask
-from flask_cors import CORS
 
 from config import Config, load_config
 from DeepSeekLLM.deepseek_service import DeepSeekService, build_deepseek
-from models.model_manager import ModelManager, probe_in_subprocess
+from models.model_manager import ModelManager, servable_check
+from models.probe import SubprocessTrial
+from services.chat_template import ChatTemplates
 from services.concurrency_manager import ConcurrencyManager
 from services.embeddings import EmbeddingService, embedding_loader
 from services.llm_service import LLMService
@@ -68,14 +69,18 @@ def build_backend(config: Config, loader: Loader | None = None) -> Backend:
     settings = InstanceSettings(n_ctx=config.N_CTX, n_batch=config.N_BATCH,
                                 n_threads=config.threads_per_instance,
                                 n_gpu_layers=config.N_GPU_LAYERS)
-    probe = functools.partial(probe_in_subprocess, timeout=config.MODEL_PROBE_TIMEOUT)
-    models = ModelManager(config.MODELS_DIR, "gguf", config.DEFAULT_MODEL, probe=probe)
+    probe = functools.partial(SubprocessTrial, config.MODEL_PROBE_TIMEOUT, config.N_CTX,
+                              config.N_BATCH)
+    siblings: list[ModelManager] = []     # links between their directories share trials
+    models = ModelManager(config.MODELS_DIR, "gguf", config.DEFAULT_MODEL, probe=probe(),
+                          siblings=siblings)
     managers = {"gguf": models,
-                "deepseek": ModelManager(config.DEEPSEEK_MODELS_DIR, "deepseek", probe=probe)}
+                "deepseek": ModelManager(config.DEEPSEEK_MODELS_DIR, "deepseek", probe=probe(),
+                                         siblings=siblings)}
     guard = MemoryGuard(config.MEMORY_RESERVE_BYTES)
     meter = LoadMeter()
     pool = ModelPool(config.MODEL_POOL_SIZE, meter.wrap(loader or llamacpp_loader(settings)),
-                     guard.check)
+                     guard.check, admit=servable_check(managers.values()))
     concurrency = ConcurrencyManager(config.MAX_CONCURRENT_REQUESTS, config.MAX_WORKERS,
                                      config.QUEUE_TIMEOUT, config.REQUEST_TIMEOUT)
     stats = UsageStats()
@@ -84,7 +89,8 @@ def build_backend(config: Config, loader: Loader | None = None) -> Backend:
         loggers=configure_logging(config.LOG_DIR, config.LOG_MAX_BYTES, config.LOG_BACKUP_COUNT),
         models=models, model_admin=ModelAdmin(managers, pool, guard, config.N_CTX), pool=pool,
         concurrency=concurrency, stats=stats,
-        llm=LLMService(models, pool, concurrency, stats, config.N_CTX), load_meter=meter)
+        llm=LLMService(models, pool, concurrency, stats, config.N_CTX,
+                       ChatTemplates(config.CHAT_TEMPLATE_TIMEOUT)), load_meter=meter)
     backend.caches.append(PoolCache("pool", pool, meter,
                                     registry_estimate(managers.values(), config.N_CTX)))
     backend.deepseek = build_deepseek(config, backend.model_admin, backend.llm)
@@ -121,7 +127,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None, *,
     from api.cli import models_cli
     from api.errors import register_error_handlers
     from api.http import UploadRequest
-    from api.middleware import register_request_hooks
+    from api.middleware import register_cors, register_request_hooks
 
     if not isinstance(config, Config):
         config = load_config(config)
@@ -133,8 +139,7 @@ def create_app(config: Config | Mapping[str, Any] | None = None, *,
         MAX_FORM_MEMORY_SIZE=1024 * 1024, MAX_FORM_PARTS=100)
     app.json.sort_keys = False
     app.extensions["llm"] = build_backend(config, loader)
-    if config.CORS_ORIGINS:
-        CORS(app, origins=list(config.CORS_ORIGINS), expose_headers=["X-Request-ID", "Retry-After"])
+    register_cors(app, config.CORS_ORIGINS or ())
     register_request_hooks(app)
     register_error_handlers(app)
     register_blueprints(app)

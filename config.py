@@ -90,7 +90,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("PORT", _int(1), 5000, "port `python main.py` listens on"),
     Setting("MODELS_DIR", _text, "./models", "GGUF models and models_list.json"),
     Setting("DEEPSEEK_MODELS_DIR", _text, "./DeepSeek/model", "DeepSeek GGUF models"),
-    Setting("DEFAULT_MODEL", _text, "", "model used when a request names none (first found)"),
+    Setting("DEFAULT_MODEL", _text, "",
+            "model used when a request names none (else the installed one, else the oldest)"),
     Setting("LOG_DIR", _text, "./logs", "api.log and errors.log"),
     Setting("LOG_LEVEL", _text, "INFO", "level of the application loggers"),
     Setting("LOG_MAX_BYTES", _int(1024), 10 * MiB, "log rotation size"),
@@ -102,6 +103,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("QUEUE_TIMEOUT", _float(0.001), 30.0, "seconds to wait for a worker and an instance"),
     Setting("REQUEST_TIMEOUT", _float(0.001), 300.0, "seconds a generation may run"),
     Setting("SHUTDOWN_TIMEOUT", _float(0), 60.0, "seconds SIGTERM waits for running requests"),
+    Setting("CLIENT_HEADER_TIMEOUT", _float(0.1), 10.0,
+            "seconds a client has to send a request's line and headers; later gets 408"),
+    Setting("CLIENT_BODY_TIMEOUT", _float(0.1), 30.0,
+            "seconds a request body may lag behind CLIENT_MIN_RATE before it gets 408"),
+    Setting("CLIENT_MIN_RATE", _int(1), 1024,
+            "bytes/s a request body must keep up on average (each byte buys 1/rate s)"),
+    Setting("CLIENT_SEND_TIMEOUT", _float(0.1), 60.0,
+            "seconds a reply may wait on a client that does not read before it is dropped"),
     Setting("N_CTX", _int(16), 4096, "context window of GGUF instances (tokens)"),
     Setting("N_BATCH", _int(1), 512, "llama.cpp prompt batch size"),
     Setting("N_THREADS", _threads, None, "threads per instance; auto = cores / instances"),
@@ -113,7 +122,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DEEPSEEK_CACHE_SIZE", _int(1), 2, "DeepSeek models kept loaded (LRU eviction)"),
     Setting("MAX_UPLOAD_BYTES", _int(1), 64 * GiB, "largest model upload; larger gets 413"),
     Setting("MEMORY_RESERVE_BYTES", _int(0), 512 * MiB, "memory a model load must leave free"),
-    Setting("MODEL_PROBE_TIMEOUT", _float(1), 300.0, "seconds a new model's test load may take"),
+    Setting("MODEL_PROBE_TIMEOUT", _float(1), 300.0,
+            "seconds a new model's trial (in a throwaway process) may take"),
     Setting("MAX_REQUEST_BYTES", _int(1024), 16 * MiB, "largest JSON body; larger gets 413"),
     Setting("CORS_ORIGINS", _csv, None, "origins allowed cross-origin (* in development: reads only)"),
     Setting("ALLOWED_HOSTS", _csv, None,
@@ -149,7 +159,10 @@ class Config:
         if not self.SECRET_KEY:
             self.SECRET_KEY = secrets.token_hex(32)
         if self.ALLOWED_HOSTS is None:
-            self.ALLOWED_HOSTS = tuple(dict.fromkeys(("localhost", "127.0.0.1", "::1", self.HOST)))
+            # A wildcard bind address is no name a client uses; a browser page fetching
+            # http://0.0.0.0:PORT reaches this machine, so it is never allowed by default.
+            bound = () if self.HOST in ("0.0.0.0", "::", "") else (self.HOST,)
+            self.ALLOWED_HOSTS = tuple(dict.fromkeys(("localhost", "127.0.0.1", "::1", *bound)))
         if self.DEEPSEEK_DEFAULT_CTX > self.DEEPSEEK_MAX_CTX:
             raise ConfigError("DEEPSEEK_DEFAULT_CTX must not exceed DEEPSEEK_MAX_CTX")
         if self.DEEPSEEK_CHUNK_OVERLAP >= self.DEEPSEEK_CHUNK_SIZE:

@@ -11,13 +11,19 @@ _config = load_config()
 
 bind = f"{_config.HOST}:{_config.PORT}"
 workers = 1
-worker_class = "gthread"
+# gthread, reading request heads in its event loop and draining on SIGTERM: see that module.
+worker_class = "api.gunicorn_worker.DrainingThreadWorker"
 # Every admitted generation holds a thread while it waits or streams; a few more keep /health,
 # /stats and the refusals (429) answering when all of those are busy.
 threads = _config.MAX_CONCURRENT_REQUESTS + 8
 timeout = int(_config.QUEUE_TIMEOUT + _config.REQUEST_TIMEOUT + 30)
-graceful_timeout = int(_config.SHUTDOWN_TIMEOUT)
+# The worker drains for SHUTDOWN_TIMEOUT (less a short reserve), then exits by itself; the
+# margin lets worker_exit close the backend (partial uploads discarded) before a SIGKILL.
+graceful_timeout = int(_config.SHUTDOWN_TIMEOUT) + 10
 accesslog = None  # api.log already has one JSON line per request
+# gunicorn 25+ opens a control socket (resize workers, shut down) at one path per user, which
+# several instances on a machine would fight over; nothing here uses it.
+control_socket_disable = True
 
 
 def worker_exit(server, worker):

@@ -9,16 +9,17 @@ generation on the shared concurrency manager and pool (steps.py).
 
 from __future__ import annotations
 
+import functools
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any
 
-from DeepSeekLLM.model_cache import CachedModel, ModelCache
+from DeepSeekLLM.model_cache import CachedModel, ModelCache, ModelTokenizer
 from DeepSeekLLM.run import DeepSeekResult, DeepSeekRun, Plan, run_events, step_sampling
-from DeepSeekLLM.services import PromptBuilder, plan_budget, split_tokens
+from DeepSeekLLM.services import PromptBuilder, count_chunks, plan_budget, split_tokens
 from DeepSeekLLM.steps import StepRunner
 from models.model_manager import ModelFile
-from services.errors import InvalidRequest, ModelNotFound
+from services.errors import InvalidRequest, ModelNotFound, ModelOnTrial, ModelUnusable
 from services.generate_request import GENERATE_PARAMS, Param, parse_params
 from services.generation import SamplingParams
 from services.llm_service import LLMService, check_fits
@@ -57,6 +58,7 @@ class DeepSeekLimits:
     max_ctx: int
     chunk_size: int
     chunk_overlap: int
+    max_steps: int = 64       # DEEPSEEK_MAX_STEPS: map steps one request may plan
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,14 @@ class DeepSeekService:
     def resolve(self, name: str | None) -> ModelFile:
         """The named DeepSeek model, or the first; the GGUF default while there is none.
 
-        :raise ModelNotFound:
+        :raise ModelNotFound, ModelOnTrial, ModelUnusable:
         """
         manager = self.admin.manager("deepseek")
         if manager.list():
             try:
                 return manager.resolve(name)
+            except (ModelOnTrial, ModelUnusable):
+                raise               # it exists: say why it cannot serve, not "not found"
             except ModelNotFound:
                 pass
         else:
@@ -201,8 +205,21 @@ class DeepSeekService:
         plan.budget = plan_budget(builder, n_ctx, max_tokens, len(context), request.chunk_size,
                                   request.chunk_overlap,
                                   (self.limits.chunk_size, self.limits.chunk_overlap))
+        self._check_steps(len(context), plan.budget.chunk_size, plan.budget.overlap)
         plan.chunks = split_tokens(context, plan.budget.chunk_size, plan.budget.overlap)
         return plan
+
+    def _check_steps(self, context_tokens: int, chunk_size: int, overlap: int) -> None:
+        """:raise InvalidRequest: the plan has more map steps than DEEPSEEK_MAX_STEPS. Counted
+        before any step starts; collapse steps are bounded by the map steps (each merges at
+        least two notes into one), and one reduce step follows."""
+        steps = count_chunks(context_tokens, chunk_size, overlap)
+        if steps > self.limits.max_steps:
+            raise InvalidRequest(
+                f"this request would take {steps} map steps ({context_tokens} context tokens in "
+                f"chunks of {chunk_size} sharing {overlap}), more than DEEPSEEK_MAX_STEPS "
+                f"({self.limits.max_steps}); raise chunk_size, lower chunk_overlap or shorten "
+                f"the context", steps=steps, max_steps=self.limits.max_steps)
 
     def _n_ctx(self, model: ModelFile, requested: int | None) -> int:
         """:raise InvalidRequest: more context than the model was trained on."""
@@ -219,7 +236,10 @@ class DeepSeekService:
 def build_deepseek(config: Any, admin: ModelAdmin, llm: LLMService) -> DeepSeekService:
     """The DeepSeek service from the settings, on the app's shared services."""
     limits = DeepSeekLimits(config.DEEPSEEK_DEFAULT_CTX, config.DEEPSEEK_MAX_CTX,
-                            config.DEEPSEEK_CHUNK_SIZE, config.DEEPSEEK_CHUNK_OVERLAP)
-    return DeepSeekService(admin, llm, ModelCache(config.DEEPSEEK_CACHE_SIZE, llm.pool), limits,
+                            config.DEEPSEEK_CHUNK_SIZE, config.DEEPSEEK_CHUNK_OVERLAP,
+                            config.DEEPSEEK_MAX_STEPS)
+    cache = ModelCache(config.DEEPSEEK_CACHE_SIZE, llm.pool,
+                       functools.partial(ModelTokenizer, templates=llm.templates))
+    return DeepSeekService(admin, llm, cache, limits,
                            window=min(config.MODEL_POOL_SIZE, config.MAX_WORKERS),
                            queue_timeout=config.QUEUE_TIMEOUT)

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import llama_cpp
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from DeepSeekLLM.services import ChatLayout
 from models.model_manager import ModelFile
-from services.errors import ModelLoadError
+from services.chat_template import ChatTemplates
+from services.errors import BackendError, ModelLoadError
 from services.memory import estimate_load
 from services.model_pool import LoadedModel, ModelPool, load_quietly
 
@@ -35,7 +35,7 @@ _PLAIN_CUE = "\n\nAnswer:"
 class ModelTokenizer:
     """A model's own tokenizer and chat layout, from a vocabulary-only llama.cpp load."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, templates: ChatTemplates | None = None):
         def load() -> llama_cpp.Llama:
             llm = llama_cpp.Llama(model_path=path, vocab_only=True, n_ctx=32, n_batch=32,
                                   verbose=True)
@@ -48,7 +48,7 @@ class ModelTokenizer:
             raise ModelLoadError(f"the tokenizer of {path} could not be loaded") from exc
         self._llm.verbose = False
         self._lock = threading.Lock()
-        self.layout = self._chat_layout()
+        self.layout = self._chat_layout(templates or ChatTemplates())
 
     def tokenize(self, text: str) -> list[int]:
         """The ids of user text: no BOS, and special-token names stay plain text."""
@@ -62,13 +62,14 @@ class ModelTokenizer:
     def close(self) -> None:
         self._llm.close()
 
-    def _chat_layout(self) -> ChatLayout:
+    def _chat_layout(self, templates: ChatTemplates) -> ChatLayout:
         """The template's user turn split around the message; a plain layout without one."""
         llm = self._llm
         bos = llm.tokenize(b"", add_bos=True, special=False)  # [BOS] when the model wants one
         split = split_template(llm.metadata.get("tokenizer.chat_template"),
                                llm.detokenize([llm.token_bos()], special=True).decode(),
-                               llm.detokenize([llm.token_eos()], special=True).decode())
+                               llm.detokenize([llm.token_eos()], special=True).decode(),
+                               templates)
         if split is None:
             return ChatLayout(tuple(bos), tuple(self.tokenize(_PLAIN_CUE)))
         before, after = split
@@ -80,16 +81,16 @@ class ModelTokenizer:
                           thinking=after.rstrip().endswith("<think>"))
 
 
-def split_template(template: str | None, bos: str, eos: str) -> tuple[str, str] | None:
-    """The text of a chat template's user turn before and after the message, rendered in
-    llama-cpp-python's sandboxed Jinja2; None without a template or if it cannot render one."""
+def split_template(template: str | None, bos: str, eos: str,
+                   templates: ChatTemplates | None = None) -> tuple[str, str] | None:
+    """The text of a chat template's user turn before and after the message, rendered in the
+    bounded sandbox (ChatTemplates); None without a template or if it cannot render one."""
     if not template:
         return None
     try:
-        rendered = Jinja2ChatFormatter(template=template, add_generation_prompt=True,
-                                       eos_token=eos, bos_token=bos)(
-            messages=[{"role": "user", "content": _MARK}]).prompt
-    except Exception:
+        rendered = (templates or ChatTemplates()).render(
+            template, [{"role": "user", "content": _MARK}], bos, eos)
+    except BackendError:
         log.warning("a chat template failed to render; using a plain layout", exc_info=True)
         return None
     before, mark, after = rendered.partition(_MARK)

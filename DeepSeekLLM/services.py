@@ -48,6 +48,14 @@ def split_tokens(ids: Sequence[int], chunk_size: int, overlap: int) -> list[list
         start += step
 
 
+def count_chunks(n_ids: int, chunk_size: int, overlap: int) -> int:
+    """How many chunks `split_tokens` makes, without making them (a tiny chunk_size with a
+    large overlap plans millions from one request body)."""
+    if n_ids <= chunk_size:
+        return 1
+    return 1 + -(-(n_ids - chunk_size) // (chunk_size - overlap))
+
+
 def group_notes(lengths: Sequence[int], room: int) -> list[list[int]]:
     """Consecutive runs of note indexes whose lengths add up to at most `room`, order kept.
 

@@ -18,10 +18,12 @@ _CHUNK = 1 << 20
 @models_cli.command("list")
 @click.option("--type", "model_type", type=click.Choice(["gguf", "deepseek"]), default=None)
 def list_models(model_type):
-    """List models with size, quantization and sha256."""
+    """List models with size, quantization, sha256 and trial status (and why unusable)."""
     for model in current_app.extensions["llm"].model_admin.list(model_type):
         click.echo(f"{model['name']:<48} {model['type']:<8} {model['size_bytes'] / 2**20:>9.1f} MiB "
-                   f"{model['quantization'] or '?':<7} {(model['sha256'] or 'hashing…')[:16]}")
+                   f"{model['quantization'] or '?':<7} {(model['sha256'] or 'hashing…')[:16]:<16} "
+                   f"{model['status']}"
+                   + (f": {model['unusable_reason']}" if model["unusable_reason"] else ""))
 
 
 @models_cli.command("import")
@@ -30,7 +32,7 @@ def list_models(model_type):
 @click.option("--type", "model_type", type=click.Choice(["gguf", "deepseek"]), default="gguf")
 @click.option("--overwrite", is_flag=True, help="replace a model of the same name")
 def import_model(path: Path, name, model_type, overwrite):
-    """Copy a GGUF file into the models directory, checked exactly like an upload."""
+    """Copy a GGUF file into the models directory, checked and tried exactly like an upload."""
     admin = current_app.extensions["llm"].model_admin
     sink = admin.new_upload(model_type)
     try:
@@ -39,8 +41,8 @@ def import_model(path: Path, name, model_type, overwrite):
             for block in iter(lambda: source.read(_CHUNK), b""):
                 sink.write(block)
                 bar.update(len(block))
-        click.echo("checking the header and test-loading it…")
-        model = admin.add(sink, model_type, name, path.name, overwrite)
+        click.echo("checking the header and trying it in a separate process…")
+        model = admin.add(sink, model_type, name, path.name, overwrite, source="import")
     except BackendError as exc:
         raise click.ClickException(exc.message) from None
     finally:

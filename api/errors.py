@@ -20,11 +20,13 @@ STATUS_BY_ERROR: dict[type[e.BackendError], int] = {
     e.ModelConflict: 409,
     e.PayloadTooLarge: 413,
     e.UnloadableModel: 422,
+    e.ModelUnusable: 422,
     e.ChatTemplateError: 422,
     e.TooBusy: 429,
     e.ModelLoadError: 500,
     e.QueueTimeout: 503,
     e.ShuttingDown: 503,
+    e.ModelOnTrial: 503,
     e.GenerationTimeout: 504,
     e.InsufficientMemory: 507,
     e.InsufficientStorage: 507,
@@ -88,9 +90,10 @@ def register_error_handlers(app: Flask | Blueprint, shape: Shape | None = None) 
     @app.errorhandler(e.BackendError)
     def backend_error(error: e.BackendError):
         response = reply(error_payload(error), status_for(error))
-        if response.status_code >= 500 and not isinstance(error, (e.QueueTimeout, e.ShuttingDown)):
+        if response.status_code >= 500 and not isinstance(
+                error, (e.QueueTimeout, e.ShuttingDown, e.ModelOnTrial)):
             log_failure(error)
-        if isinstance(error, e.TooBusy):
+        if isinstance(error, (e.TooBusy, e.ModelOnTrial)):
             response.headers["Retry-After"] = str(error.retry_after)
         if isinstance(error, e.Unauthorized):
             response.headers["WWW-Authenticate"] = "Bearer"

@@ -14,7 +14,8 @@ bp = Blueprint("models", __name__)
 _MODEL = {"name": "gemma-3-270m-q4_k_m.gguf", "type": "gguf", "file": "gemma-3-270m-q4_k_m.gguf",
           "size_bytes": 253113024, "sha256": "a5fd3b…", "architecture": "gemma3",
           "size_label": "270M", "quantization": "Q4_K_M", "context_length": 32768,
-          "added_at": "2026-11-24T10:00:00Z", "source": "disk", "loaded": False, "instances": 0,
+          "added_at": "2026-11-24T10:00:00Z", "source": "disk", "status": "ready",
+          "unusable_reason": None, "loaded": False, "instances": 0,
           "in_use": 0, "memory_estimate_bytes": 328610560}
 
 
@@ -23,7 +24,9 @@ _MODEL = {"name": "gemma-3-270m-q4_k_m.gguf", "type": "gguf", "file": "gemma-3-2
 def list_models():
     """List models with metadata and load state; `?type=gguf` or `?type=deepseek` filters.
 
-    Files copied into or removed from a models directory by hand show up here at once.
+    Files copied into or removed from a models directory by hand show up here at once, with
+    `status` "trial" until their trial in a throwaway process has run, then "ready" or
+    "unusable" (with `unusable_reason`). Only "ready" models are served.
     """
     return jsonify(models=backend().model_admin.list(request.args.get("type")))
 
@@ -37,13 +40,18 @@ def model_info(name: str):
 
 @bp.post("/models")
 @document(reply=_MODEL, curl="curl -X POST {base}/api/v1/models -F file=@model.gguf "
-                              "-F name=my-model [-F type=deepseek] [-F overwrite=true]")
+                              "-F name=my-model [-F sha256=<hex>] [-F type=deepseek] "
+                              "[-F overwrite=true]")
 def upload_model():
-    """Upload a GGUF model (multipart field `file`; optional `name`, `type`, `overwrite`): 201.
+    """Upload a GGUF model (multipart field `file`; optional `name`, `sha256`, `type`,
+    `overwrite`): 201 once it passed its trial.
 
-    The file streams to disk and is hashed as it arrives; its header is checked, it is test-loaded
-    in a separate process, and only then renamed into place. It is usable at once. An existing
-    name is 409 unless overwrite=true; a file over MAX_UPLOAD_BYTES is 413.
+    The file streams to disk and is hashed as it arrives (a given `sha256` must match: else 400
+    sha256_mismatch); its header is checked (400 invalid_model_file), then it is tried in a
+    throwaway process doing what serving does with it (422 model_unloadable, with the reason),
+    and only then renamed into place, usable at once. An upload never replaces the default
+    model. An existing name is 409 unless overwrite=true; over MAX_UPLOAD_BYTES is 413; a full disk is
+    507. Nothing is kept from a refused upload.
     """
     services = backend()
     request.max_content_length = services.config.MAX_UPLOAD_BYTES
@@ -59,7 +67,8 @@ def upload_model():
         model = services.model_admin.add(
             upload.stream, model_type=request.form.get("type") or request.args.get("type"),
             name=request.form.get("name"), filename=upload.filename,
-            overwrite=request.form.get("overwrite", "").lower() in ("1", "true", "yes"))
+            overwrite=request.form.get("overwrite", "").lower() in ("1", "true", "yes"),
+            sha256=request.form.get("sha256"))
     finally:
         for sink in sinks:
             sink.discard()

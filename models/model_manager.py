@@ -1,35 +1,48 @@
 """The registry of one models directory: its GGUF files, their metadata, and models_list.json.
 
-The directory is the truth; models_list.json remembers what is costly to recompute (sha256,
-when and how a model arrived). Every listing reconciles the two: files copied in by hand appear,
-files removed by hand disappear, and a missing or corrupt models_list.json is rebuilt. Requests
-name models, and only names found this way resolve, so a client-supplied name is never joined
-into a filesystem path.
+The directory is the truth; models_list.json remembers what is costly to recompute (sha256, the
+result of each file's trial, when and how a model arrived). Every listing reconciles the two:
+files copied in by hand appear, files removed by hand disappear, and a missing or corrupt
+models_list.json is rebuilt. Requests name models, and only names found this way resolve, so a
+client-supplied name is never joined into a filesystem path.
+
+No file is served before its trial (models/probe.py) has passed: uploads and imports are tried
+before they are renamed into place; files that appear otherwise (copied by hand, or from a
+version without trials) are listed with status "trial" and tried in the background, one at a
+time. The result is remembered with the file's identity (size and mtime_ns; sha256 once known),
+so a restart does not try a file again and a changed file is tried anew.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
-import shutil
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 from models.gguf_header import GGUFError, read_gguf
-from models.uploads import NAME_PATTERN, SUFFIX, HashingFile, is_temp_file, model_file_name
-from services.errors import InvalidModelFile, ModelConflict, ModelNotFound, UnloadableModel
+from models.probe import TRIAL_VERSION, SubprocessTrial
+from models.uploads import (NAME_PATTERN, SUFFIX, TEMP_PREFIX, TEMP_SUFFIX, HashingFile,
+                            disk_full, is_disk_full, is_temp_file, locked_temp_file,
+                            model_file_name, remove_stale_temp_files)
+from services.errors import (ChecksumMismatch, InsufficientStorage, InvalidModelFile,
+                             ModelConflict, ModelLoadError, ModelNotFound, ModelOnTrial, ModelUnusable,
+                             ShuttingDown, UnloadableModel)
 
 log = logging.getLogger(__name__)
 
 REGISTRY_FILE = "models_list.json"
+# Temp files of killed processes, removed at start unless a live process holds their lock.
+STALE_PATTERNS = (f"{TEMP_PREFIX}*{TEMP_SUFFIX}", f".{REGISTRY_FILE}.*.tmp", ".install-*.partial")
+TRIAL, READY, UNUSABLE = "trial", "ready", "unusable"
+RETRY_AFTER = 5
 # llama.cpp's LLAMA_FTYPE names for the common general.file_type values.
 _FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
                10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
@@ -55,35 +68,49 @@ class ModelFile:
     added_at: str
     source: str
     mtime_ns: int
+    status: str = TRIAL                 # trial / ready / unusable
+    unusable_reason: str | None = None
+    trial_version: int | None = None    # the TRIAL_VERSION that gave `status`
+    inode: str | None = None            # "device:inode" of the file (links share it)
 
     def to_dict(self) -> dict:
         info = asdict(self)
-        for internal in ("path", "mtime_ns", "kv_bytes_per_token"):
+        for internal in ("path", "mtime_ns", "kv_bytes_per_token", "trial_version", "inode"):
             info.pop(internal)
         return info
 
+    def same_file(self, path: Path) -> bool:
+        """Whether the file at `path` still is the one this entry describes (and was tried)."""
+        try:
+            stat = path.stat()
+        except OSError:
+            return False
+        return (self.size_bytes, self.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+
 
 def describe_gguf(path: Path, model_type: str, source: str, sha256: str | None = None,
-                  meta: dict | None = None) -> ModelFile:
-    """A ModelFile from a file's checked header (a file still being copied fails the check).
+                  meta: dict | None = None, name: str | None = None) -> ModelFile:
+    """A ModelFile, status "trial", from a file's checked header; `name` when it is about to be
+    renamed (a file still being copied fails the check).
 
     :raise GGUFError: not an acceptable GGUF file.
     """
     meta = meta if meta is not None else read_gguf(str(path)).metadata
     arch = meta.get("general.architecture")
+    name = name or path.name
 
     def arch_key(suffix: str):
         return meta.get(f"{arch}.{suffix}")
 
     stat = path.stat()
     return ModelFile(
-        name=path.name, path=str(path), type=model_type, file=path.name,
+        name=name, path=str(path.with_name(name)), type=model_type, file=name,
         size_bytes=stat.st_size, sha256=sha256, architecture=arch,
         size_label=meta.get("general.size_label"), parameter_count=meta.get("general.parameter_count"),
         quantization=_FILE_TYPES.get(meta.get("general.file_type"), meta.get("general.file_type")),
         context_length=arch_key("context_length"), kv_bytes_per_token=_kv_bytes_per_token(arch_key),
         added_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source=source,
-        mtime_ns=stat.st_mtime_ns)
+        mtime_ns=stat.st_mtime_ns, inode=f"{stat.st_dev}:{stat.st_ino}")
 
 
 def _kv_bytes_per_token(arch_key) -> int | None:
@@ -98,37 +125,74 @@ def _kv_bytes_per_token(arch_key) -> int | None:
     return layers * kv_heads * (key_len + value_len) * 2
 
 
-def probe_in_subprocess(path: Path, timeout: float = 300) -> None:
-    """Load the file once in a short-lived process: a crash there cannot take the server down.
-
-    :raise UnloadableModel: llama.cpp failed, crashed or hung on the file.
-    """
+def record_installed_default(models_dir: Path, name: str) -> None:
+    """Mark `name` as the model the setup installed (models_list.json's "default_model"): the
+    default when DEFAULT_MODEL is unset. The server keeps the mark when it rewrites the file."""
+    path = models_dir / REGISTRY_FILE
     try:
-        done = subprocess.run([sys.executable, "-m", "models.probe", str(path)],
-                              cwd=Path(__file__).resolve().parent.parent, capture_output=True,
-                              text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise UnloadableModel(f"llama.cpp did not load the file within {timeout:g} s") from None
-    if done.returncode != 0:
-        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
-        raise UnloadableModel(f"llama.cpp could not load the file: {reason[:300]}")
+        registry = json.loads(path.read_text())
+        if not isinstance(registry, dict):
+            registry = {"models": []}
+    except (OSError, ValueError):
+        registry = {"models": []}
+    registry["default_model"] = name
+    _write_atomically(models_dir, json.dumps(registry, indent=1))
+
+
+def _write_atomically(models_dir: Path, text: str) -> None:
+    """models_list.json replaced in one rename; on any failure the temp file is gone and the old
+    file untouched. :raise InsufficientStorage: the disk is full."""
+    fd, tmp = locked_temp_file(models_dir, f".{REGISTRY_FILE}.", ".tmp")
+    try:
+        os.fchmod(fd, 0o644)
+        with os.fdopen(os.dup(fd), "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, models_dir / REGISTRY_FILE)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if is_disk_full(exc):
+            raise disk_full(exc, REGISTRY_FILE) from None
+        raise
+    finally:
+        os.close(fd)
 
 
 class ModelManager:
-    """One models directory; thread-safe. `probe` test-loads newly added files."""
+    """One models directory; thread-safe. `probe` tries files before they may be served.
+
+    With `background=False` files found on disk wait for `run_pending_trials` (the setup
+    script and the test fixtures) instead of being tried on a worker thread. `siblings` is a
+    list shared by the managers of one app: a file found on disk that is the very file another
+    entry describes (a link: same device, inode, size and mtime) takes over its trial result.
+    """
 
     def __init__(self, models_dir: str, model_type: str = "gguf", default_model: str = "",
-                 probe: Probe = probe_in_subprocess):
+                 probe: Probe | None = None, background: bool = True,
+                 siblings: list[ModelManager] | None = None):
         self.models_dir = Path(models_dir)
         self.model_type = model_type
         self.default_model = default_model
-        self._probe = probe
+        self._probe = probe or SubprocessTrial()
+        self._background = background
         self._lock = threading.RLock()
         self._models: dict[str, ModelFile] = {}
-        self._hashing: set[str] = set()
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._installed_default: str | None = None
+        self._pending: set[str] = set()
+        self._uploads: set[HashingFile] = set()
+        self._closed = False
+        self._unsaved = False       # a write failed: models_list.json lags behind until the next
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-trial")
+        self._siblings = siblings if siblings is not None else []
+        self._siblings.append(self)
+        if self.models_dir.is_dir():
+            remove_stale_temp_files(self.models_dir, STALE_PATTERNS)
         self._load_registry()
         self.sync()
+        self._start_default = self._pick_start_default()
+
+    # -- finding models ---------------------------------------------------------------------
 
     def list(self) -> list[ModelFile]:
         """Every model in the directory, sorted by name, after reconciling with the disk."""
@@ -136,78 +200,175 @@ class ModelManager:
         with self._lock:
             return [self._models[name] for name in sorted(self._models)]
 
-    def resolve(self, name: str | None) -> ModelFile:
-        """The model a request names (with or without `.gguf`), or the default one.
+    def find(self, name: str) -> ModelFile:
+        """The model named (with or without `.gguf`), whatever its trial status.
 
-        :raise ModelNotFound: no such model, or no model at all.
+        :raise ModelNotFound:
         """
         models = {m.name: m for m in self.list()}
-        if not name:
-            if not self.default_model and models:
-                return next(iter(models.values()))
-            if not models:
-                raise ModelNotFound(f"no models in {self.models_dir}; add a .gguf file")
-            name = self.default_model
         model = models.get(name) or models.get(f"{name}{SUFFIX}")
         if model is None:
             raise ModelNotFound(f"model {name!r} not found; GET /api/v1/models lists the models")
         return model
+
+    def resolve(self, name: str | None) -> ModelFile:
+        """The model a request names, or the default one, if it may be served.
+
+        :raise ModelNotFound: no such model, or no model at all.
+        :raise ModelOnTrial: its trial has not finished yet (retry shortly).
+        :raise ModelUnusable: it failed its trial.
+        """
+        if not name:
+            name = self.default_name()
+            if name is None:
+                with self._lock:
+                    what = "servable models" if self._models else "models"
+                raise ModelNotFound(f"no {what} in {self.models_dir}; add a .gguf file")
+        return self.check_servable(self.find(name))
+
+    def check_servable(self, model: ModelFile) -> ModelFile:
+        """:raise ModelOnTrial, ModelUnusable: the file may not be loaded in this process."""
+        if model.status == UNUSABLE:
+            raise ModelUnusable(f"model {model.name} cannot be served: its trial failed: "
+                                f"{model.unusable_reason}", model=model.name)
+        if model.status != READY:
+            raise ModelOnTrial(f"model {model.name} is still being tried; retry in a few seconds",
+                               retry_after=RETRY_AFTER)
+        return model
+
+    def check_path(self, path: str) -> None:
+        """The pool's last check before llama.cpp opens `path` in this process.
+
+        :raise ModelNotFound, ModelOnTrial, ModelUnusable:
+        """
+        file = Path(path)
+        if file.parent.resolve() != self.models_dir.resolve():
+            raise ModelNotFound(f"{file.name} is not in {self.models_dir}")
+        self.check_servable(self.find(file.name))
+
+    def default_name(self) -> str | None:
+        """DEFAULT_MODEL; else the model the setup installed, if present at start; else the
+        servable model that has been here longest at start (oldest added_at, then name); with
+        none at start, the first model that became servable later. Uploads never change it; if
+        it is deleted, the same rule picks again."""
+        if self.default_model:
+            return self.default_model
+        self.sync()
+        with self._lock:
+            if self._start_default not in self._models:
+                self._start_default = self._pick_start_default()
+            return self._start_default
+
+    def _pick_start_default(self) -> str | None:
+        with self._lock:
+            if self._installed_default in self._models:
+                return self._installed_default
+            ready = [m for m in self._models.values() if m.status == READY]
+            return min(ready, key=lambda m: (m.added_at, m.name)).name if ready else None
 
     def with_sha256(self, model: ModelFile) -> ModelFile:
         """The model as registered now: its sha256 once the background hash is done."""
         with self._lock:
             return self._models.get(model.name, model)
 
+    # -- adding and removing ----------------------------------------------------------------
+
     def new_upload(self) -> HashingFile:
-        """A temp file in this directory for an incoming model."""
-        return HashingFile(self.models_dir)
+        """A locked temp file in this directory for an incoming model; `close` discards it."""
+        if self._closed:
+            raise ShuttingDown("the server is shutting down")
+        upload = HashingFile(self.models_dir, on_discard=self._forget_upload)
+        with self._lock:
+            self._uploads.add(upload)
+        return upload
 
-    def add(self, incoming: HashingFile, name: str, overwrite: bool, source: str = "upload") -> ModelFile:
-        """Validate a fully received file, test-load it, and rename it into place.
+    def _forget_upload(self, upload: HashingFile) -> None:
+        with self._lock:
+            self._uploads.discard(upload)
 
+    def add(self, incoming: HashingFile, name: str, overwrite: bool, source: str = "upload",
+            sha256: str | None = None) -> ModelFile:
+        """Check a fully received file, try it, and rename it into place (ready to serve).
+
+        :raise ChecksumMismatch: `sha256` was given and the bytes differ.
         :raise InvalidModelFile: not a GGUF file this server accepts (checked in pure Python).
-        :raise UnloadableModel: llama.cpp failed on it in a separate process.
+        :raise UnloadableModel: its trial failed (crash, error or timeout in the subprocess).
         :raise ModelConflict: the name exists and `overwrite` is false.
+        :raise InsufficientStorage: the disk filled; nothing was kept.
         """
         name = model_file_name(name)
         incoming.close()
-        staged = self._stage(incoming)
+        if sha256 is not None and incoming.sha256 != sha256:
+            raise ChecksumMismatch(f"the received file's sha256 is {incoming.sha256}, not {sha256}")
+        if incoming.path.parent.resolve() != self.models_dir.resolve():
+            incoming.move_to(self.models_dir)
+        staged = incoming.path
         try:
             meta = read_gguf(str(staged)).metadata
         except GGUFError as exc:
             raise InvalidModelFile(f"not an acceptable GGUF file: {exc}") from None
-        self._probe(staged)
+        self._try_now(staged, incoming.sha256)
         with self._lock:
             target = self.models_dir / name
             if target.exists() and not overwrite:
                 raise ModelConflict(f"model {name} exists; send overwrite=true to replace it")
-            os.replace(staged, target)
-            model = describe_gguf(target, self.model_type, source, incoming.sha256, meta)
-            self._models[name] = model
-            self._save_registry()
+            model = replace(describe_gguf(staged, self.model_type, source, incoming.sha256, meta,
+                                          name), status=READY, trial_version=TRIAL_VERSION)
+            self._commit({name: model}, lambda: os.replace(staged, target))
+            self._start_default = self._start_default or self._pick_start_default()
         return model
 
-    def _stage(self, incoming: HashingFile) -> Path:
-        """The received file inside this directory (it may have arrived in another one)."""
-        if incoming.path.parent.resolve() == self.models_dir.resolve():
-            return incoming.path
-        local = HashingFile(self.models_dir)
-        local.close()
-        shutil.move(str(incoming.path), str(local.path))
-        incoming.path = local.path
-        return local.path
+    def _try_now(self, path: Path, sha256: str) -> None:
+        """The trial, or the remembered result of a file with the same bytes.
+
+        :raise UnloadableModel:
+        """
+        with self._lock:
+            known = next((m for m in self._models.values() if m.sha256 == sha256
+                          and m.trial_version == TRIAL_VERSION and m.status != TRIAL), None)
+        if known is None:
+            self._probe(path)
+        elif known.status == UNUSABLE:
+            raise UnloadableModel(known.unusable_reason or "its trial failed")
+
+    def _commit(self, changes: dict[str, ModelFile | None], then: Callable[[], None]) -> None:
+        """Apply registry changes, write models_list.json, then run `then` (the rename); the
+        in-memory registry is restored when the write fails. Lock held."""
+        before = {name: self._models.get(name) for name in changes}
+        for name, model in changes.items():
+            self._set(name, model)
+        try:
+            self._save_registry()
+            then()
+        except BaseException:
+            for name, model in before.items():
+                self._set(name, model)
+            raise
+
+    def _set(self, name: str, model: ModelFile | None) -> None:
+        if model is None:
+            self._models.pop(name, None)
+        else:
+            self._models[name] = model
 
     def remove(self, name: str) -> ModelFile:
-        """Delete a model's file and entry. :raise ModelNotFound:"""
+        """Delete a model's file and entry. A registry that cannot be written (a full disk) is
+        logged, not raised: the file is gone, and the next listing drops its stale entry.
+
+        :raise ModelNotFound:
+        """
         with self._lock:
-            model = self.resolve(name)
+            model = self.find(name)
             Path(model.path).unlink(missing_ok=True)
             self._models.pop(model.name, None)
-            self._save_registry()
+            self._save_registry_or_log()
         return model
 
+    # -- reconciling with the disk and trying files -------------------------------------------
+
     def sync(self) -> None:
-        """Reconcile the registry with the directory; persist it when anything changed."""
+        """Reconcile the registry with the directory; persist it when anything changed; queue
+        the files that still need a hash or a trial."""
         with self._lock:
             on_disk = {p.name: p for p in self._gguf_files()}
             changed = False
@@ -216,64 +377,208 @@ class ModelManager:
                 changed = True
             for name, path in on_disk.items():
                 known = self._models.get(name)
-                stat = path.stat()
-                if known and (known.size_bytes, known.mtime_ns) == (stat.st_size, stat.st_mtime_ns):
+                if known and known.same_file(path):
                     continue
                 try:
-                    self._models[name] = describe_gguf(path, self.model_type, "disk")
+                    self._models[name] = self._as_known(describe_gguf(path, self.model_type, "disk"))
                 except (GGUFError, OSError) as exc:
                     log.warning("ignoring %s: %s", path, exc)
                     self._models.pop(name, None)
                     continue
                 changed = True
-            if changed:
-                self._save_registry()
-            for model in self._models.values():
-                if model.sha256 is None and model.name not in self._hashing:
-                    self._hashing.add(model.name)
-                    self._hasher.submit(self._hash, model)
+            if changed or self._unsaved:
+                self._save_registry_or_log()
+            if self._background and not self._closed:
+                for model in self._models.values():
+                    if self._unsettled(model) and model.name not in self._pending:
+                        self._pending.add(model.name)
+                        self._worker.submit(self._settle_logged, model.name)
+
+    def _as_known(self, model: ModelFile) -> ModelFile:
+        """`model` with the hash and trial result of an entry describing the same file, if any."""
+        for manager in self._siblings:
+            # A snapshot, not the sibling's lock: two syncs taking each other's would deadlock.
+            entries = list(manager._models.values())
+            known = next((m for m in entries if (m.inode, m.size_bytes, m.mtime_ns) == (
+                model.inode, model.size_bytes, model.mtime_ns)
+                and m.trial_version == TRIAL_VERSION and m.status != TRIAL), None)
+            if known is not None:
+                return replace(model, sha256=known.sha256, status=known.status,
+                               unusable_reason=known.unusable_reason, trial_version=TRIAL_VERSION)
+        return model
+
+    @staticmethod
+    def _unsettled(model: ModelFile) -> bool:
+        return model.sha256 is None or model.status == TRIAL
+
+    def run_pending_trials(self) -> None:
+        """Hash and try, here and now, every file still waiting (setup script, fixtures)."""
+        for model in self.list():
+            if self._unsettled(model):
+                self._settle(model.name)
+
+    def _settle_logged(self, name: str) -> None:
+        try:
+            self._settle(name)
+        except Exception:
+            log.exception("the background trial of %s failed", name)
+        finally:
+            with self._lock:
+                self._pending.discard(name)
+
+    def _settle(self, name: str) -> None:
+        """Hash a file found on disk, then try it (one process at a time per directory: the
+        directory's flock), unless a record for the same bytes already says how it went."""
+        with self._lock:
+            model = self._models.get(name)
+        if model is None or self._closed:
+            return
+        path = Path(model.path)
+        if model.sha256 is None:
+            digest = sha256_of_file(path)
+            model = self._update(model, sha256=digest) if digest else None
+        if model is None or model.status != TRIAL:
+            return
+        with _directory_lock(self.models_dir):
+            model = self._adopt_from_disk(model)
+            if model is None or model.status != TRIAL:
+                return
+            try:
+                self._try_now(path, model.sha256)
+                result = {"status": READY, "unusable_reason": None}
+            except UnloadableModel as exc:
+                result = {"status": UNUSABLE, "unusable_reason": exc.message}
+                log.warning("%s is unusable: %s", path, exc.message)
+            except ShuttingDown:
+                return
+            except ModelLoadError as exc:      # the trial could not run: the file is not at fault
+                log.error("could not try %s: %s", path, exc.message)
+                return
+            self._update(model, trial_version=TRIAL_VERSION, **result)
+
+    def _update(self, model: ModelFile, **fields) -> ModelFile | None:
+        """Record a finding about `model` if its file has not changed meanwhile."""
+        with self._lock:
+            current = self._models.get(model.name)
+            if current is None or current.mtime_ns != model.mtime_ns or not model.same_file(
+                    Path(model.path)):
+                return None
+            updated = self._models[model.name] = replace(current, **fields)
+            self._save_registry_or_log()
+            if updated.status == READY:
+                self._start_default = self._start_default or self._pick_start_default()
+            return updated
+
+    def _adopt_from_disk(self, model: ModelFile) -> ModelFile | None:
+        """Another process sharing the directory may have tried the same file already."""
+        for entry in self._read_registry().get("models", []):
+            if (isinstance(entry, dict) and entry.get("name") == model.name
+                    and entry.get("size_bytes") == model.size_bytes
+                    and entry.get("mtime_ns") == model.mtime_ns
+                    and entry.get("trial_version") == TRIAL_VERSION
+                    and entry.get("status") in (READY, UNUSABLE)):
+                return self._update(model, status=entry["status"], trial_version=TRIAL_VERSION,
+                                    unusable_reason=entry.get("unusable_reason"))
+        return model
 
     def _gguf_files(self) -> list[Path]:
         if not self.models_dir.is_dir():
             return []
         return [p for p in self.models_dir.glob(f"*{SUFFIX}") if p.is_file() and not is_temp_file(p)]
 
-    def _hash(self, model: ModelFile) -> None:
-        """Background sha256 of a file that arrived without one (copied in by hand)."""
-        digest = sha256_of_file(Path(model.path))
-        with self._lock:
-            self._hashing.discard(model.name)
-            current = self._models.get(model.name)
-            if digest and current is not None and current.mtime_ns == model.mtime_ns:
-                self._models[model.name] = replace(current, sha256=digest)
-                self._save_registry()
+    # -- models_list.json -------------------------------------------------------------------
+
+    def _read_registry(self) -> dict:
+        try:
+            registry = json.loads((self.models_dir / REGISTRY_FILE).read_text())
+            return registry if isinstance(registry, dict) else {}
+        except (OSError, ValueError):
+            return {}
 
     def _load_registry(self) -> None:
         path = self.models_dir / REGISTRY_FILE
         try:
-            entries = json.loads(path.read_text())["models"]
+            registry = json.loads(path.read_text())
+            entries = registry["models"]
             # The path is derived, never read back: the file must not be able to point elsewhere.
-            self._models = {e["name"]: ModelFile(path=str(self.models_dir / e["name"]), **e)
+            self._models = {e["name"]: _from_entry(self.models_dir, e)
                             for e in entries if NAME_PATTERN.match(e["name"])}
+            default = registry.get("default_model")
+            self._installed_default = default if isinstance(default, str) else None
         except FileNotFoundError:
             self._models = {}
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             log.warning("%s is unreadable (%s); rebuilding it from the files", path, exc)
             self._models = {}
 
     def _save_registry(self) -> None:
-        """Write models_list.json atomically (temp file + os.replace); lock held."""
+        """Write models_list.json atomically; lock held. :raise InsufficientStorage:"""
         if not self.models_dir.is_dir():
             return
-        path = self.models_dir / REGISTRY_FILE
-        tmp = path.with_name(f".{REGISTRY_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
         entries = [{k: v for k, v in asdict(m).items() if k != "path"} for m in self._models.values()]
-        tmp.write_text(json.dumps({"models": entries}, indent=1))
-        os.replace(tmp, path)
+        registry = {"models": entries}
+        if self._installed_default:
+            registry["default_model"] = self._installed_default
+        _write_atomically(self.models_dir, json.dumps(registry, indent=1))
+        self._unsaved = False
+
+    def _save_registry_or_log(self) -> None:
+        """For writes that only remember (hashes, trials, deletions): the directory stays the
+        truth, so a failed write costs a re-hash or a re-trial later, never consistency."""
+        try:
+            self._save_registry()
+        except (OSError, InsufficientStorage) as exc:
+            self._unsaved = True
+            log.warning("could not write %s: %s", self.models_dir / REGISTRY_FILE, exc)
 
     def close(self) -> None:
-        """Stop background hashing (a running hash finishes; queued ones are dropped)."""
-        self._hasher.shutdown(wait=False, cancel_futures=True)
+        """Stop trials and hashing (a running trial's child is killed; queued work dropped) and
+        discard this process's uploads still in progress."""
+        self._closed = True
+        self._worker.shutdown(wait=False, cancel_futures=True)
+        cancel = getattr(self._probe, "cancel", None)
+        if cancel is not None:
+            cancel()
+        with self._lock:
+            uploads = list(self._uploads)
+        for upload in uploads:
+            upload.discard()
+
+
+def _from_entry(models_dir: Path, entry: dict) -> ModelFile:
+    """A registry entry as a ModelFile; a trial by an older version of the trial counts as none."""
+    model = ModelFile(path=str(models_dir / entry["name"]), **entry)
+    if model.trial_version != TRIAL_VERSION or model.status not in (READY, UNUSABLE):
+        model = replace(model, status=TRIAL, unusable_reason=None)
+    return model
+
+
+class _directory_lock:
+    """An flock on the models directory: one trial at a time among the processes sharing it."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def __enter__(self):
+        self.fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+
+
+def servable_check(managers: Iterable[ModelManager]) -> Callable[[str], None]:
+    """For the pool: refuse to load a file that no manager has seen pass its trial."""
+    managers = list(managers)
+
+    def check(path: str) -> None:
+        for manager in managers:
+            if Path(path).parent.resolve() == manager.models_dir.resolve():
+                manager.check_path(path)
+                return
+        raise ModelUnusable(f"{Path(path).name} is not in a models directory")
+
+    return check
 
 
 def sha256_of_file(path: Path) -> str | None:

@@ -1,11 +1,12 @@
 """Chat messages as a prompt: the model's own chat template, or a plain layout for base models.
 
 The template comes from the GGUF (`tokenizer.chat_template`) of the instance that runs the
-request, so rendering happens on the worker (`ChatPrompt` is the builder `LLMService` calls).
-llama-cpp-python's `Jinja2ChatFormatter` renders it in Jinja's ImmutableSandboxedEnvironment: a
-template that reaches for Python internals raises SecurityError instead of running, and that
-becomes a `ChatTemplateError`. A model without a template (such as the default Gemma 3 270M,
-a base model) gets "User: … / Assistant:" turns and stops where it starts a new turn.
+request, so rendering happens on the worker (`ChatPrompt` is the builder `LLMService` calls,
+with the app's `ChatTemplates`). It renders in Jinja's sandbox with bounds on time and size
+(services/chat_template.py): a template that reaches for Python internals, or runs past a bound,
+is a `ChatTemplateError` (422, the model file's fault) and its worker is free again at once. A
+model without a template (such as the default Gemma 3 270M, a base model) gets
+"User: … / Assistant:" turns and stops where it starts a new turn.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
-from jinja2.exceptions import SecurityError, TemplateError
-from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-from services.errors import ChatTemplateError, InvalidRequest
-from services.llm_service import Finished, PromptTokens, Token
+from services.chat_template import ChatTemplates
+from services.errors import InvalidRequest
+from services.llm_service import Finished, PromptTokens, Render, Token
 
 MAX_MESSAGES = 1024
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",
@@ -48,7 +47,8 @@ def parse_messages(raw: Any, param: str = "messages") -> tuple[ChatMessage, ...]
 def _parse_message(message: Any, where: str) -> ChatMessage:
     if not isinstance(message, dict):
         raise InvalidRequest(f"{where} must be an object with role and content", param=where)
-    role = _ROLES.get(message.get("role"))
+    role = message.get("role")
+    role = _ROLES.get(role) if isinstance(role, str) else None
     if role is None:
         raise InvalidRequest(f"{where}.role must be one of {', '.join(_ROLES)}", param=where)
     for unsupported in ("images", "tool_calls", "function_call", "audio"):
@@ -74,15 +74,15 @@ class ChatPrompt:
     def __init__(self, messages: tuple[ChatMessage, ...]):
         self.messages = messages
 
-    def __call__(self, llm: Any) -> PromptTokens:
-        """:raise ChatTemplateError, InvalidRequest: see `render_template`."""
+    def __call__(self, llm: Any, render: Render) -> PromptTokens:
+        """:raise ChatTemplateError, InvalidRequest: see `ChatTemplates.render`."""
         template = llm.metadata.get("tokenizer.chat_template")
         if not template:
             text = plain_layout(self.messages)
             return PromptTokens(llm.tokenize(text.encode("utf-8"), add_bos=True, special=False),
                                 PLAIN_STOPS)
-        text = render_template(template, self.messages, _token_text(llm, llm.token_bos()),
-                               _token_text(llm, llm.token_eos()))
+        text = render(template, [{"role": m.role, "content": m.content} for m in self.messages],
+                      _token_text(llm, llm.token_bos()), _token_text(llm, llm.token_eos()))
         tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         bos = llm.tokenize(b"", add_bos=True, special=False)   # [BOS] when the model wants one
         if bos and tokens[:1] != bos:
@@ -91,28 +91,17 @@ class ChatPrompt:
 
 
 def render_template(template: str, messages: tuple[ChatMessage, ...], bos_token: str,
-                    eos_token: str) -> str:
-    """The chat rendered by a GGUF chat template, in Jinja's sandbox, ready for the reply.
+                    eos_token: str, templates: ChatTemplates | None = None) -> str:
+    """The chat rendered by a GGUF chat template, ready for the reply (see ChatTemplates).
 
-    :raise ChatTemplateError: the template is broken or tried something the sandbox forbids.
+    :raise ChatTemplateError: the template is broken, ran over a bound, or tried something the
+        sandbox forbids.
     :raise InvalidRequest: the template refused the messages (its `raise_exception`), such as
         roles that do not alternate.
     """
-    try:
-        formatter = Jinja2ChatFormatter(template=template, eos_token=eos_token,
-                                        bos_token=bos_token, add_generation_prompt=True)
-        return formatter(messages=[{"role": m.role, "content": m.content}
-                                   for m in messages]).prompt
-    except SecurityError as exc:
-        raise ChatTemplateError(
-            f"the model's chat template was stopped by the sandbox: {exc}") from exc
-    except TemplateError as exc:
-        raise ChatTemplateError(f"the model's chat template failed: {exc}") from exc
-    except ValueError as exc:
-        raise InvalidRequest(f"the model's chat template refused the messages: {exc}",
-                             param="messages") from exc
-    except Exception as exc:
-        raise ChatTemplateError(f"the model's chat template failed: {exc!r}") from exc
+    return (templates or ChatTemplates()).render(
+        template, [{"role": m.role, "content": m.content} for m in messages], bos_token,
+        eos_token)
 
 
 def plain_layout(messages: tuple[ChatMessage, ...]) -> str:

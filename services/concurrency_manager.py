@@ -140,6 +140,7 @@ class ConcurrencyManager:
                             cancelled=0)
         self._recent_seconds: deque[float] = deque(maxlen=50)
         self._draining = False
+        self._jobs: set[Job] = set()
 
     def submit(self, work: Callable[[Job], Any]) -> Job:
         """Admit `work(job)` and queue it on a worker.
@@ -155,7 +156,8 @@ class ConcurrencyManager:
                 raise TooBusy(f"{self._in_flight} requests in flight (MAX_CONCURRENT_REQUESTS="
                               f"{self.max_concurrent}); retry shortly", retry_after=self._retry_after())
             self._in_flight += 1
-        job = Job(self.queue_timeout, self.request_timeout, self._reserved)
+            job = Job(self.queue_timeout, self.request_timeout, self._reserved)
+            self._jobs.add(job)
         job.future = self._executor.submit(self._run, job, work)
         return job
 
@@ -185,6 +187,7 @@ class ConcurrencyManager:
                 self._busy -= 1
                 self._active -= job.reserved_at is not None
                 self._in_flight -= 1
+                self._jobs.discard(job)
                 self._counts[outcome] += 1
                 if job.started_at is not None:
                     self._recent_seconds.append(time.monotonic() - job.started_at)
@@ -207,6 +210,11 @@ class ConcurrencyManager:
                 workers_alive=sum(worker.is_alive() for worker in self._workers),
                 draining=self._draining, **self._counts)
 
+    def begin_drain(self) -> None:
+        """Stop admitting (new jobs get ShuttingDown, readiness turns 503); running ones go on."""
+        with self._lock:
+            self._draining = True
+
     def drain(self, timeout: float) -> bool:
         """Stop admitting and wait up to `timeout` s for in-flight jobs; True when all finished."""
         deadline = time.monotonic() + timeout
@@ -219,8 +227,16 @@ class ConcurrencyManager:
                 self._idle.wait(remaining)
         return True
 
-    def shutdown(self) -> None:
-        """Stop the workers (after `drain`); queued jobs that never started are dropped."""
+    def cancel_running(self) -> int:
+        """Ask every admitted job to stop at its next check (the drain ran out); how many."""
         with self._lock:
             self._draining = True
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel()
+        return len(jobs)
+
+    def shutdown(self) -> None:
+        """Stop the workers (after `drain`): queued jobs are dropped, running ones cancelled."""
+        self.cancel_running()
         self._executor.shutdown(wait=False, cancel_futures=True)

@@ -32,6 +32,12 @@ class InvalidModelFile(InvalidRequest):
     code = "invalid_model_file"
 
 
+class ChecksumMismatch(InvalidRequest):
+    """An upload's bytes do not match the sha256 the client sent with it: nothing was kept."""
+
+    code = "sha256_mismatch"
+
+
 class UnloadableModel(BackendError):
     """llama.cpp failed or crashed loading a new file in a separate process: refused."""
 
@@ -46,6 +52,23 @@ class InsufficientMemory(BackendError):
 
 class ModelNotFound(BackendError):
     code = "model_not_found"
+
+
+class ModelUnusable(ModelNotFound):
+    """The named model failed its trial (models/probe.py) and is never loaded: no servable
+    model by that name. The message carries the reason."""
+
+    code = "model_unusable"
+
+
+class ModelOnTrial(ModelNotFound):
+    """The named model's trial has not finished yet; it cannot be served until it passes."""
+
+    code = "model_on_trial"
+
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
 
 
 class ModelConflict(BackendError):

@@ -13,6 +13,8 @@ from services.errors import InvalidRequest
 from services.generation import SamplingParams
 
 MAX_STOP_STRINGS = 8
+# llama.cpp takes top_k as an int32: a larger value would wrap around, not mean "all".
+MAX_TOP_K = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -55,8 +57,8 @@ GENERATE_PARAMS: tuple[Param, ...] = (
           _at_least(1)),
     Param("temperature", "number", 0.8, "sampling temperature, 0 = greedy (0 .. 2)", _range(0, 2)),
     Param("top_p", "number", 0.95, "nucleus sampling (0 .. 1)", _range(0, 1)),
-    Param("top_k", "integer", 40, "sample among the k likeliest tokens, 0 = all (>= 0)",
-          _at_least(0)),
+    Param("top_k", "integer", 40, "sample among the k likeliest tokens, 0 = all "
+          "(0 .. 2^31-1)", _range(0, MAX_TOP_K)),
     Param("repeat_penalty", "number", 1.1, "penalty for repeated tokens (0 .. 10)", _range(0, 10)),
     Param("stop", "array of strings", [], f"up to {MAX_STOP_STRINGS} strings that end generation",
           _stop_list),
@@ -65,10 +67,17 @@ GENERATE_PARAMS: tuple[Param, ...] = (
     Param("stream", "boolean", False, "stream tokens as server-sent events"),
 )
 
+def _finite_number(value: Any) -> bool:
+    """A JSON number a float can hold: 10**400 is an int that no float (nor range check) takes."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) if isinstance(value, float) else abs(value) < 2**1023
+
+
 _TYPES = {
     "string": lambda v: isinstance(v, str),
     "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+    "number": lambda v: _finite_number(v),
     "boolean": lambda v: isinstance(v, bool),
     "array of strings": lambda v: isinstance(v, list),
     "array": lambda v: isinstance(v, list),

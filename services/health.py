@@ -11,6 +11,8 @@ import os
 
 import psutil
 
+from models.model_manager import READY
+
 LOW_MEMORY_BYTES = 512 * 1024**2
 LOW_DISK_BYTES = 1024**3
 
@@ -18,7 +20,7 @@ LOW_DISK_BYTES = 1024**3
 def health_report(backend) -> dict:
     """`status` ok / degraded / down with the reasons, plus models, workers, CPU, memory, disk."""
     models = backend.models.list()
-    default_model = _default_model(backend.config.DEFAULT_MODEL, models)
+    default_model = _default_model(backend.models.default_name(), models)
     fatal, reasons = _model_checks(backend, models, default_model)
     concurrency = backend.concurrency.snapshot()
     if concurrency.draining:
@@ -55,15 +57,16 @@ def _model_checks(backend, models: list, default_model: str | None) -> tuple[lis
     if not models:
         fatal.append(f"no models in {models_dir}")
     elif default_model is None:
-        reasons.append(f"DEFAULT_MODEL {backend.config.DEFAULT_MODEL} is missing")
+        reasons.append(f"the default model {backend.models.default_name() or '(none)'} is "
+                       f"missing or not servable (see GET /api/v1/models)")
     return fatal, reasons
 
 
-def _default_model(wanted: str, models: list) -> str | None:
-    """The model a request naming none gets, or None when it is missing."""
+def _default_model(wanted: str | None, models: list) -> str | None:
+    """The model a request naming none gets, or None when it is missing or not servable."""
     if not wanted:
-        return models[0].name if models else None
-    names = {m.name for m in models}
+        return None
+    names = {m.name for m in models if m.status == READY}
     return next((name for name in (wanted, f"{wanted}.gguf") if name in names), None)
 
 

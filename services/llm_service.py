@@ -8,6 +8,7 @@ stops reading (client gone, timeout) cancels the job, and the worker stops at th
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -17,10 +18,12 @@ from typing import Any, Callable, Iterator, Sequence, Union
 from langchain_core.prompts import PromptTemplate
 
 from models.model_manager import ModelFile, ModelManager
+from services.chat_template import ChatTemplates
 from services.concurrency_manager import ConcurrencyManager, Job
-from services.errors import ContextOverflow, GenerationTimeout, QueueTimeout
+from services.errors import ContextOverflow, GenerationTimeout, InvalidRequest, QueueTimeout
 from services.generate_request import GenerateRequest
-from services.generation import SamplingParams, TokenLoopResult, stream_tokens, tokenize
+from services.generation import (SamplingParams, TokenLoopResult, build_grammar, stream_tokens,
+                                 tokenize)
 from services.memory import estimate_load
 from services.model_pool import ModelPool
 from services.stats import UsageStats, outcome_of
@@ -87,9 +90,11 @@ class PromptTokens:
     stop: tuple[str, ...] = ()
 
 
+# Renders a chat template: ChatTemplates.render with the job's stop check bound in.
+Render = Callable[..., str]
 # Text (tokenized with BOS), the model's own token ids, or a builder called on the worker with
-# the instance's llama_cpp.Llama.
-Prompt = Union[str, Sequence[int], Callable[[Any], PromptTokens]]
+# the instance's llama_cpp.Llama and the app's template renderer.
+Prompt = Union[str, Sequence[int], Callable[[Any, Render], PromptTokens]]
 
 
 class GenerationStream:
@@ -161,12 +166,13 @@ class LLMService:
     """Generation over the model registry, the pool and the concurrency manager."""
 
     def __init__(self, models: ModelManager, pool: ModelPool, concurrency: ConcurrencyManager,
-                 stats: UsageStats, n_ctx: int):
+                 stats: UsageStats, n_ctx: int, templates: ChatTemplates | None = None):
         self.models = models
         self.pool = pool
         self.concurrency = concurrency
         self.stats = stats
         self.n_ctx = n_ctx
+        self.templates = templates or ChatTemplates()
 
     def parse_request(self, body: object) -> GenerateRequest:
         """:raise InvalidRequest: the body does not describe a valid generation."""
@@ -236,12 +242,17 @@ class LLMService:
                                     cost, n_ctx) as instance:
                 load_seconds = time.monotonic() - (job.reserved_at or time.monotonic())
                 llm = instance.client
-                tokens, sampling = prepare_prompt(llm, prompt, sampling)
+                # Everything that can refuse the input happens before Started, so that a
+                # streamed reply has not begun when it does (it gets its own 4xx status).
+                tokens, sampling = prepare_prompt(
+                    llm, prompt, sampling, functools.partial(self.templates.render,
+                                                             check=job.check))
                 prompt_tokens = len(tokens)
                 check_fits(prompt_tokens, sampling.max_tokens, llm.n_ctx())
+                grammar = build_grammar(llm, sampling.grammar)
                 job.start()
                 events.put(Started(model.name, prompt_tokens, job.queue_seconds * 1000))
-                for piece in stream_tokens(llm, tokens, sampling, job.check, result):
+                for piece in stream_tokens(llm, tokens, sampling, job.check, result, grammar):
                     events.put(Token(piece))
                 generation_seconds = time.monotonic() - job.started_at
         except BaseException as exc:
@@ -287,16 +298,30 @@ def next_event(job: Job, events: queue.Queue) -> Any:
         return event
 
 
-def prepare_prompt(llm: Any, prompt: Prompt,
-                   sampling: SamplingParams) -> tuple[list[int], SamplingParams]:
-    """The prompt's token ids on this instance, and the sampling with any stops it adds."""
+def prepare_prompt(llm: Any, prompt: Prompt, sampling: SamplingParams,
+                   render: Render) -> tuple[list[int], SamplingParams]:
+    """The prompt's token ids on this instance, and the sampling with any stops it adds.
+
+    :raise InvalidRequest: token ids outside this model's vocabulary, or a chat the template
+        refuses. :raise ChatTemplateError: the model's chat template failed or ran over a bound.
+    """
     if isinstance(prompt, str):
         return tokenize(llm, prompt), sampling
     if callable(prompt):
-        built = prompt(llm)
+        built = prompt(llm, render)
         extra = tuple(stop for stop in built.stop if stop not in sampling.stop)
         return list(built.tokens), replace(sampling, stop=sampling.stop + extra)
-    return list(prompt), sampling
+    return check_token_ids(prompt, llm.n_vocab()), sampling
+
+
+def check_token_ids(ids: Sequence[int], n_vocab: int) -> list[int]:
+    """:raise InvalidRequest: an id that is not one of the model's tokens (llama.cpp would fail
+    to decode it)."""
+    bad = next((i for i, t in enumerate(ids) if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"prompt[{bad}] = {ids[bad]} is not a token id of this model "
+                             f"(0 .. {n_vocab - 1})", param="prompt")
+    return list(ids)
 
 
 def build_prompt(prompt: str, system: str | None) -> str:

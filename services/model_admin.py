@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from models.gguf_header import read_gguf
 from models.model_manager import ModelFile, ModelManager
-from models.uploads import HashingFile, model_file_name, sanitised_file_name
+from models.uploads import HashingFile, expected_sha256, model_file_name, sanitised_file_name
 from services.errors import InvalidRequest, ModelNotFound
 from services.memory import MemoryGuard, estimate_load, system_report
 from services.model_pool import ModelPool, model_of
@@ -34,14 +34,17 @@ class ModelAdmin:
         return self.manager(model_type if model_type in self.managers else None).new_upload()
 
     def add(self, incoming: HashingFile, model_type: str | None, name: str | None,
-            filename: str | None, overwrite: bool) -> dict:
-        """Register a received file; a replaced model's instances are evicted.
+            filename: str | None, overwrite: bool, sha256: str | None = None,
+            source: str = "upload") -> dict:
+        """Register a received file once it passed its trial; a replaced model's instances are
+        evicted. `sha256`, when given, must match the bytes received.
 
-        :raise InvalidRequest, InvalidModelFile, UnloadableModel, ModelConflict:
+        :raise InvalidRequest, ChecksumMismatch, InvalidModelFile, UnloadableModel,
+            ModelConflict, InsufficientStorage:
         """
         manager = self.manager(model_type)
         file_name = model_file_name(name) if name else sanitised_file_name(filename or "")
-        model = manager.add(incoming, file_name, overwrite)
+        model = manager.add(incoming, file_name, overwrite, source, expected_sha256(sha256))
         self.pool.evict(model.name)
         return self._describe(model)
 
@@ -61,7 +64,7 @@ class ModelAdmin:
 
     def describe(self, name: str, model_type: str | None = None) -> dict:
         """:raise ModelNotFound:"""
-        return self._describe(self._manager_holding(name, model_type).resolve(name))
+        return self._describe(self._manager_holding(name, model_type).find(name))
 
     def metadata(self, name: str, model_type: str | None = None) -> dict:
         """A model's GGUF metadata: its scalars and strings (arrays such as the vocabulary are
@@ -69,7 +72,7 @@ class ModelAdmin:
 
         :raise ModelNotFound:
         """
-        model = self._manager_holding(name, model_type).resolve(name)
+        model = self._manager_holding(name, model_type).find(name)
         return {key: value for key, value in read_gguf(model.path).metadata.items()
                 if value is not None}
 
@@ -88,7 +91,7 @@ class ModelAdmin:
         managers = [self.manager(model_type)] if model_type else list(self.managers.values())
         for manager in managers:
             try:
-                manager.resolve(name)
+                manager.find(name)
                 return manager
             except ModelNotFound:
                 continue

@@ -120,10 +120,14 @@ class ModelPool:
     """Holds up to `size` instances per model and lends each to one caller at a time."""
 
     def __init__(self, size: int, loader: Loader,
-                 memory_check: Callable[[str, int], None] = lambda name, needed: None):
+                 memory_check: Callable[[str, int], None] = lambda name, needed: None,
+                 admit: Callable[[str], None] = lambda path: None):
+        """`admit(path)` runs before every load and raises to refuse one: the model registry's
+        check that the file passed its trial, so nothing untried is ever opened in-process."""
         self.size = size
         self._loader = loader
         self._memory_check = memory_check
+        self._admit = admit
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         # Keyed by (name, n_ctx): instances asked for with their own context size (DeepSeek's
@@ -199,6 +203,7 @@ class ModelPool:
         """Load one instance outside the lock (loading takes a while) and hand it out busy."""
         started = time.monotonic()
         try:
+            self._admit(path)
             self._memory_check(name, needed)
             instance = loader(path) if n_ctx is None else loader(path, n_ctx)
         except BaseException as exc:

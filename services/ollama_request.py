@@ -14,7 +14,8 @@ from typing import Any
 
 from services.chat import ChatMessage, ChatPrompt, parse_messages
 from services.errors import InvalidRequest
-from services.generate_request import Param, _at_least, _range, _stop_list, parse_params
+from services.generate_request import (MAX_TOP_K, Param, _at_least, _range, _stop_list,
+                                       parse_params)
 from services.generation import SamplingParams
 from services.json_mode import any_json_object, schema_grammar
 from services.llm_service import Prompt
@@ -27,7 +28,8 @@ OPTION_PARAMS: tuple[Param, ...] = (
           "ends or the context is full", lambda v: None if v >= 1 or v in (-1, -2)
           else "must be -1, -2 or at least 1"),
     Param("temperature", "number", 0.8, "sampling temperature, 0 = greedy (0 .. 2)", _range(0, 2)),
-    Param("top_k", "integer", 40, "sample among the k likeliest tokens, 0 = all", _at_least(0)),
+    Param("top_k", "integer", 40, "sample among the k likeliest tokens, 0 = all",
+          _range(0, MAX_TOP_K)),
     Param("top_p", "number", 0.9, "nucleus sampling (0 .. 1)", _range(0, 1)),
     Param("repeat_penalty", "number", 1.1, "penalty for repeated tokens (0 .. 10)", _range(0, 10)),
     Param("presence_penalty", "number", 0.0, "(-2 .. 2)", _range(-2, 2)),

@@ -20,6 +20,10 @@ from services.json_mode import any_json_object, schema_grammar
 from services.llm_service import Prompt
 
 
+# llama.cpp token ids are int32; each model's own vocabulary is smaller still (checked later).
+MAX_TOKEN_ID = 2**31 - 1
+
+
 def _only(allowed: Any) -> Callable[[Any], str | None]:
     return lambda v: None if v == allowed else f"is not supported by this server (only {allowed!r})"
 
@@ -152,15 +156,24 @@ def _generation(values: dict, prompt: Prompt, max_tokens: int | None, n_ctx: int
 
 
 def _completion_prompt(prompt: str | list) -> Prompt:
-    """A string, a list of one string, or a list of token ids; several prompts are refused."""
+    """A string, a list of one string, or token ids (a list of ints, or a list of one such
+    list); several prompts are refused. Ids are checked against the model's vocabulary on the
+    worker, before the reply starts.
+    """
     if isinstance(prompt, str):
         return prompt
-    if len(prompt) == 1 and isinstance(prompt[0], str):
-        return prompt[0]
-    if prompt and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in prompt):
-        return list(prompt)
-    raise InvalidRequest("prompt must be a string, a list of one string, or a list of token ids "
-                         "(one prompt per request)", param="prompt")
+    if len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]
+        if isinstance(prompt, str):
+            return prompt
+    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        bad = next((i for i, t in enumerate(prompt) if not 0 <= t <= MAX_TOKEN_ID), None)
+        if bad is None:
+            return list(prompt)
+        raise InvalidRequest(f"prompt[{bad}] = {prompt[bad]} is not a token id", param="prompt")
+    raise InvalidRequest("prompt must be a string, a list of one string, or token ids (a list of "
+                         "integers, or a list of one such list): one prompt per request",
+                         param="prompt")
 
 
 def _response_grammar(response_format: dict | None) -> str | None:

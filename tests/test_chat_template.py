@@ -6,7 +6,6 @@ spliced in (tests/gguf_edit.py): Gemma's own, and malicious ones that must not e
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jinja2
@@ -16,7 +15,7 @@ import pytest
 import requests
 
 from conftest import MODEL_NAME
-from gguf_edit import with_chat_template
+from templated_models import templated_dir, tried_copies
 from services.chat import ChatMessage, parse_messages, plain_layout, render_template
 from services.errors import ChatTemplateError, InvalidRequest
 
@@ -90,19 +89,19 @@ def test_messages_that_are_refused(raw):
 
 @pytest.fixture(scope="session")
 def templated_models(model_file, tmp_path_factory) -> dict[str, Path]:
-    """Copies of the default model carrying Gemma's template, or one escape attempt."""
+    """Copies of the default model carrying Gemma's template, or one escape attempt, tried."""
     directory = tmp_path_factory.mktemp("templated")
     attempt = escape_attempts(directory / "escaped")[1]
-    return {name: with_chat_template(model_file, directory / f"{name}.gguf", template)
-            for name, template in (("gemma-chat", GEMMA_TEMPLATE), ("evil-chat", attempt))}
+    registry = tried_copies(model_file, directory, {"gemma-chat": GEMMA_TEMPLATE,
+                                                    "evil-chat": attempt})
+    return {"dir": directory, "registry": registry,
+            **{name: directory / f"{name}.gguf" for name in ("gemma-chat", "evil-chat")}}
 
 
 @pytest.fixture
-def server(live, templated_models):
-    server = live()
-    for path in templated_models.values():
-        os.symlink(path, Path(server.backend.config.MODELS_DIR) / path.name)
-    return server
+def server(live, templated_models, tmp_path):
+    return live(MODELS_DIR=templated_dir(templated_models["dir"], templated_models["registry"],
+                                         tmp_path / "templated-models"))
 
 
 def test_chat_uses_the_models_own_template(server, templated_models):
@@ -125,15 +124,17 @@ def test_a_malicious_template_is_a_json_error_and_runs_nothing(server, templated
     marker = templated_models["evil-chat"].parent / "escaped"
     openai_reply = requests.post(f"{server.url}/v1/chat/completions", timeout=60, json={
         "model": "evil-chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
-    assert openai_reply.status_code == 500
+    # The model file's fault, not the server's: 422, with OpenAI's client-error type.
+    assert openai_reply.status_code == 422
     error = openai_reply.json()["error"]
-    assert error["code"] == "chat_template_error" and error["type"] == "server_error"
+    assert error["code"] == "chat_template_error" and error["type"] == "invalid_request_error"
     assert "sandbox" in error["message"]
     ollama_reply = requests.post(f"{server.url}/api/chat", timeout=60, json={
         "model": "evil-chat:latest", "messages": [{"role": "user", "content": "Hi"}]})
-    assert ollama_reply.status_code == 500 and "sandbox" in ollama_reply.json()["error"]
+    assert ollama_reply.status_code == 422 and "sandbox" in ollama_reply.json()["error"]
     assert not marker.exists()
-    assert "SecurityError" in (Path(server.backend.config.LOG_DIR) / "errors.log").read_text()
+    logged = server.logged_request(openai_reply.headers["X-Request-ID"])
+    assert (logged["status"], logged["error"]) == (422, "chat_template_error")
     raw = requests.post(f"{server.url}/api/generate", timeout=60, json={
         "model": "evil-chat", "prompt": "The capital of France is", "raw": True, "stream": False,
         "options": {"num_predict": 3}})

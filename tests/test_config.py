@@ -27,6 +27,17 @@ def test_defaults_match_the_design_table():
     assert len(config.SECRET_KEY) == 64
 
 
+@pytest.mark.parametrize("host, expected", [
+    ("127.0.0.1", ("localhost", "127.0.0.1", "::1")),
+    ("192.168.1.20", ("localhost", "127.0.0.1", "::1", "192.168.1.20")),
+    ("0.0.0.0", ("localhost", "127.0.0.1", "::1")),     # a wildcard bind is no name to allow
+    ("::", ("localhost", "127.0.0.1", "::1")),
+])
+def test_allowed_hosts_default_to_loopback_and_the_bound_address(host, expected):
+    assert load_config({"HOST": host}).ALLOWED_HOSTS == expected
+    assert load_config({"HOST": host, "ALLOWED_HOSTS": "llm.lan, *"}).ALLOWED_HOSTS == ("llm.lan", "*")
+
+
 def test_environment_values_are_parsed():
     config = load_config({"MAX_WORKERS": "2", "QUEUE_TIMEOUT": "1.5", "API_KEYS": "a, b,,",
                           "N_THREADS": "3", "N_GPU_LAYERS": "-1", "APP_ENV": "testing"})

@@ -208,8 +208,8 @@ def test_reasoning_opened_by_the_template_streams_as_reasoning(live, monkeypatch
     # The 270M model writes no <think> tags; a layout that opens the block (as DeepSeek-R1's
     # template does) makes everything it writes reasoning, through the real HTTP path.
     plain = ModelTokenizer._chat_layout
-    monkeypatch.setattr(ModelTokenizer, "_chat_layout",
-                        lambda self: ChatLayout(plain(self).before, plain(self).after, True))
+    monkeypatch.setattr(ModelTokenizer, "_chat_layout", lambda self, templates: ChatLayout(
+        plain(self, templates).before, plain(self, templates).after, True))
     server = live()
     events = sse_events(post(server, prompt="Why is the sky blue?", max_tokens=8, n_ctx=512,
                              temperature=0, stream=True))
