@@ -127,7 +127,8 @@ def create_app(config: Config | Mapping[str, Any] | None = None, *,
     from api.cli import models_cli
     from api.errors import register_error_handlers
     from api.http import UploadRequest
-    from api.middleware import register_cors, register_request_hooks
+    from api.browser_safety import register_cors
+    from api.middleware import register_request_hooks
 
     if not isinstance(config, Config):
         config = load_config(config)

@@ -9,7 +9,8 @@ from flask import Blueprint, g, jsonify
 
 from api import backend
 from api.docs import document
-from api.http import guarded_stream, json_body, log_fields, sse_response
+from api.http import guarded_stream, log_fields, sse_response
+from api.json_body import json_body
 from DeepSeekLLM.deepseek_service import DEEPSEEK_PARAMS
 from DeepSeekLLM.run import DeepSeekResult, DeepSeekRun, Piece, Progress
 

@@ -18,7 +18,7 @@ from DeepSeekLLM.model_cache import CachedModel, ModelCache, ModelTokenizer
 from DeepSeekLLM.run import DeepSeekResult, DeepSeekRun, Plan, run_events, step_sampling
 from DeepSeekLLM.services import PromptBuilder, count_chunks, plan_budget, split_tokens
 from DeepSeekLLM.steps import StepRunner
-from models.model_manager import ModelFile
+from models.model_file import ModelFile
 from services.errors import InvalidRequest, ModelNotFound, ModelOnTrial, ModelUnusable
 from services.generate_request import GENERATE_PARAMS, Param, parse_params
 from services.generation import SamplingParams

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import llama_cpp
 
 from DeepSeekLLM.services import ChatLayout
-from models.model_manager import ModelFile
+from models.model_file import ModelFile
 from services.chat_template import ChatTemplates
 from services.errors import BackendError, ModelLoadError
 from services.memory import estimate_load

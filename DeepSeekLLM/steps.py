@@ -18,7 +18,7 @@ import time
 from collections import deque
 from typing import Iterable, Iterator, Sequence
 
-from models.model_manager import ModelFile
+from models.model_file import ModelFile
 from services.errors import QueueTimeout, TooBusy
 from services.generation import SamplingParams
 from services.llm_service import Finished, GenerationStream, LLMService, Token

@@ -18,7 +18,8 @@ from api import backend
 from api.compat import Event, log_finished, relay, start_generation
 from api.docs import document
 from api.errors import register_error_handlers
-from api.http import json_body, log_fields, ndjson_response
+from api.http import log_fields, ndjson_response
+from api.json_body import json_body
 from services.chat import reply_events, reply_finished
 from services.embeddings import check_inputs
 from services.llm_service import Finished

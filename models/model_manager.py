@@ -15,148 +15,31 @@ so a restart does not try a file again and a changed file is tried anew.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 from models.gguf_header import GGUFError, read_gguf
+from models.model_file import READY, TRIAL, UNUSABLE, ModelFile, describe_gguf, from_entry
 from models.probe import TRIAL_VERSION, SubprocessTrial
+from models.registry_file import REGISTRY_FILE, directory_lock, sha256_of_file, write_atomically
 from models.uploads import (NAME_PATTERN, SUFFIX, TEMP_PREFIX, TEMP_SUFFIX, HashingFile,
-                            disk_full, is_disk_full, is_temp_file, locked_temp_file,
-                            model_file_name, remove_stale_temp_files)
+                            is_temp_file, model_file_name, remove_stale_temp_files)
 from services.errors import (ChecksumMismatch, InsufficientStorage, InvalidModelFile,
                              ModelConflict, ModelLoadError, ModelNotFound, ModelOnTrial, ModelUnusable,
                              ShuttingDown, UnloadableModel)
 
 log = logging.getLogger(__name__)
 
-REGISTRY_FILE = "models_list.json"
 # Temp files of killed processes, removed at start unless a live process holds their lock.
 STALE_PATTERNS = (f"{TEMP_PREFIX}*{TEMP_SUFFIX}", f".{REGISTRY_FILE}.*.tmp", ".install-*.partial")
-TRIAL, READY, UNUSABLE = "trial", "ready", "unusable"
 RETRY_AFTER = 5
-# llama.cpp's LLAMA_FTYPE names for the common general.file_type values.
-_FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1",
-               10: "Q2_K", 11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M",
-               16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
-
 Probe = Callable[[Path], None]
-
-
-@dataclass(frozen=True)
-class ModelFile:
-    name: str
-    path: str
-    type: str
-    file: str
-    size_bytes: int
-    sha256: str | None
-    architecture: str | None
-    size_label: str | None
-    parameter_count: int | None
-    quantization: str | None
-    context_length: int | None
-    kv_bytes_per_token: int | None
-    added_at: str
-    source: str
-    mtime_ns: int
-    status: str = TRIAL                 # trial / ready / unusable
-    unusable_reason: str | None = None
-    trial_version: int | None = None    # the TRIAL_VERSION that gave `status`
-    inode: str | None = None            # "device:inode" of the file (links share it)
-
-    def to_dict(self) -> dict:
-        info = asdict(self)
-        for internal in ("path", "mtime_ns", "kv_bytes_per_token", "trial_version", "inode"):
-            info.pop(internal)
-        return info
-
-    def same_file(self, path: Path) -> bool:
-        """Whether the file at `path` still is the one this entry describes (and was tried)."""
-        try:
-            stat = path.stat()
-        except OSError:
-            return False
-        return (self.size_bytes, self.mtime_ns) == (stat.st_size, stat.st_mtime_ns)
-
-
-def describe_gguf(path: Path, model_type: str, source: str, sha256: str | None = None,
-                  meta: dict | None = None, name: str | None = None) -> ModelFile:
-    """A ModelFile, status "trial", from a file's checked header; `name` when it is about to be
-    renamed (a file still being copied fails the check).
-
-    :raise GGUFError: not an acceptable GGUF file.
-    """
-    meta = meta if meta is not None else read_gguf(str(path)).metadata
-    arch = meta.get("general.architecture")
-    name = name or path.name
-
-    def arch_key(suffix: str):
-        return meta.get(f"{arch}.{suffix}")
-
-    stat = path.stat()
-    return ModelFile(
-        name=name, path=str(path.with_name(name)), type=model_type, file=name,
-        size_bytes=stat.st_size, sha256=sha256, architecture=arch,
-        size_label=meta.get("general.size_label"), parameter_count=meta.get("general.parameter_count"),
-        quantization=_FILE_TYPES.get(meta.get("general.file_type"), meta.get("general.file_type")),
-        context_length=arch_key("context_length"), kv_bytes_per_token=_kv_bytes_per_token(arch_key),
-        added_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source=source,
-        mtime_ns=stat.st_mtime_ns, inode=f"{stat.st_dev}:{stat.st_ino}")
-
-
-def _kv_bytes_per_token(arch_key) -> int | None:
-    """f16 K and V for every layer: what one token of context costs in memory."""
-    layers, heads = arch_key("block_count"), arch_key("attention.head_count")
-    kv_heads = arch_key("attention.head_count_kv") or heads
-    embedding = arch_key("embedding_length")
-    key_len = arch_key("attention.key_length") or (embedding // heads if embedding and heads else None)
-    value_len = arch_key("attention.value_length") or key_len
-    if not (layers and kv_heads and key_len and value_len):
-        return None
-    return layers * kv_heads * (key_len + value_len) * 2
-
-
-def record_installed_default(models_dir: Path, name: str) -> None:
-    """Mark `name` as the model the setup installed (models_list.json's "default_model"): the
-    default when DEFAULT_MODEL is unset. The server keeps the mark when it rewrites the file."""
-    path = models_dir / REGISTRY_FILE
-    try:
-        registry = json.loads(path.read_text())
-        if not isinstance(registry, dict):
-            registry = {"models": []}
-    except (OSError, ValueError):
-        registry = {"models": []}
-    registry["default_model"] = name
-    _write_atomically(models_dir, json.dumps(registry, indent=1))
-
-
-def _write_atomically(models_dir: Path, text: str) -> None:
-    """models_list.json replaced in one rename; on any failure the temp file is gone and the old
-    file untouched. :raise InsufficientStorage: the disk is full."""
-    fd, tmp = locked_temp_file(models_dir, f".{REGISTRY_FILE}.", ".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(os.dup(fd), "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, models_dir / REGISTRY_FILE)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(exc):
-            raise disk_full(exc, REGISTRY_FILE) from None
-        raise
-    finally:
-        os.close(fd)
 
 
 class ModelManager:
@@ -439,7 +322,7 @@ class ModelManager:
             model = self._update(model, sha256=digest) if digest else None
         if model is None or model.status != TRIAL:
             return
-        with _directory_lock(self.models_dir):
+        with directory_lock(self.models_dir):
             model = self._adopt_from_disk(model)
             if model is None or model.status != TRIAL:
                 return
@@ -501,7 +384,7 @@ class ModelManager:
             registry = json.loads(path.read_text())
             entries = registry["models"]
             # The path is derived, never read back: the file must not be able to point elsewhere.
-            self._models = {e["name"]: _from_entry(self.models_dir, e)
+            self._models = {e["name"]: from_entry(self.models_dir, e)
                             for e in entries if NAME_PATTERN.match(e["name"])}
             default = registry.get("default_model")
             self._installed_default = default if isinstance(default, str) else None
@@ -519,7 +402,7 @@ class ModelManager:
         registry = {"models": entries}
         if self._installed_default:
             registry["default_model"] = self._installed_default
-        _write_atomically(self.models_dir, json.dumps(registry, indent=1))
+        write_atomically(self.models_dir, json.dumps(registry, indent=1))
         self._unsaved = False
 
     def _save_registry_or_log(self) -> None:
@@ -545,28 +428,6 @@ class ModelManager:
             upload.discard()
 
 
-def _from_entry(models_dir: Path, entry: dict) -> ModelFile:
-    """A registry entry as a ModelFile; a trial by an older version of the trial counts as none."""
-    model = ModelFile(path=str(models_dir / entry["name"]), **entry)
-    if model.trial_version != TRIAL_VERSION or model.status not in (READY, UNUSABLE):
-        model = replace(model, status=TRIAL, unusable_reason=None)
-    return model
-
-
-class _directory_lock:
-    """An flock on the models directory: one trial at a time among the processes sharing it."""
-
-    def __init__(self, directory: Path):
-        self.directory = directory
-
-    def __enter__(self):
-        self.fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc):
-        os.close(self.fd)
-
-
 def servable_check(managers: Iterable[ModelManager]) -> Callable[[str], None]:
     """For the pool: refuse to load a file that no manager has seen pass its trial."""
     managers = list(managers)
@@ -579,15 +440,3 @@ def servable_check(managers: Iterable[ModelManager]) -> Callable[[str], None]:
         raise ModelUnusable(f"{Path(path).name} is not in a models directory")
 
     return check
-
-
-def sha256_of_file(path: Path) -> str | None:
-    """sha256 of a file, or None when it vanished while being read."""
-    digest = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    except OSError:
-        return None
-    return digest.hexdigest()

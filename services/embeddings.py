@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import llama_cpp
 
 from models.gguf_header import read_gguf
-from models.model_manager import ModelFile, ModelManager
+from models.model_file import ModelFile
+from models.model_manager import ModelManager
 from services.concurrency_manager import ConcurrencyManager, Job
 from services.errors import ContextOverflow, InvalidRequest
 from services.llm_service import next_event

@@ -11,7 +11,7 @@ import os
 
 import psutil
 
-from models.model_manager import READY
+from models.model_file import READY
 
 LOW_MEMORY_BYTES = 512 * 1024**2
 LOW_DISK_BYTES = 1024**3

@@ -17,7 +17,8 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 from langchain_core.prompts import PromptTemplate
 
-from models.model_manager import ModelFile, ModelManager
+from models.model_file import ModelFile
+from models.model_manager import ModelManager
 from services.chat_template import ChatTemplates
 from services.concurrency_manager import ConcurrencyManager, Job
 from services.errors import ContextOverflow, GenerationTimeout, InvalidRequest, QueueTimeout

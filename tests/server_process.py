@@ -15,7 +15,7 @@ from pathlib import Path
 import requests
 
 from conftest import MODEL_NAME, ROOT
-from models.model_manager import REGISTRY_FILE
+from models.registry_file import REGISTRY_FILE
 
 COMMANDS = {
     "main": [sys.executable, "main.py"],

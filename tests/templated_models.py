@@ -13,7 +13,8 @@ from pathlib import Path
 
 from conftest import MODEL_NAME, TEST_N_CTX
 from gguf_edit import with_chat_template
-from models.model_manager import REGISTRY_FILE, ModelManager, record_installed_default
+from models.model_manager import ModelManager
+from models.registry_file import REGISTRY_FILE, record_installed_default
 from models.probe import SubprocessTrial
 
 

@@ -23,7 +23,8 @@ import requests
 
 from conftest import MODEL_NAME, multipart_upload, wait_until
 from gguf_edit import tiny_llama, with_chat_template
-from models.model_manager import REGISTRY_FILE, ModelManager
+from models.model_manager import ModelManager
+from models.registry_file import REGISTRY_FILE
 from services.errors import ModelUnusable
 
 NAIVE_LOAD = textwrap.dedent("""
