@@ -93,7 +93,7 @@ def register_error_handlers(app: Flask | Blueprint, shape: Shape | None = None) 
         if response.status_code >= 500 and not isinstance(
                 error, (e.QueueTimeout, e.ShuttingDown, e.ModelOnTrial)):
             log_failure(error)
-        if isinstance(error, (e.TooBusy, e.ModelOnTrial)):
+        if isinstance(error, e.RetryLater):
             response.headers["Retry-After"] = str(error.retry_after)
         if isinstance(error, e.Unauthorized):
             response.headers["WWW-Authenticate"] = "Bearer"

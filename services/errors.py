@@ -61,14 +61,22 @@ class ModelUnusable(ModelNotFound):
     code = "model_unusable"
 
 
-class ModelOnTrial(ModelNotFound):
+class RetryLater(BackendError):
+    """A refusal that may pass if the client tries again after `retry_after` seconds (the
+    Retry-After header)."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message, retry_after=retry_after)
+        self.retry_after = retry_after
+
+
+class ModelOnTrial(RetryLater, ModelNotFound):
     """The named model's trial has not finished yet; it cannot be served until it passes."""
 
     code = "model_on_trial"
 
     def __init__(self, message: str, retry_after: int = 5):
-        super().__init__(message, retry_after=retry_after)
-        self.retry_after = retry_after
+        super().__init__(message, retry_after)
 
 
 class ModelConflict(BackendError):
@@ -107,14 +115,10 @@ class ClientTimeout(BackendError):
     code = "request_timeout"
 
 
-class TooBusy(BackendError):
+class TooBusy(RetryLater):
     """Admission refused: MAX_CONCURRENT_REQUESTS are already in flight."""
 
     code = "too_many_requests"
-
-    def __init__(self, message: str, retry_after: int = 1):
-        super().__init__(message, retry_after=retry_after)
-        self.retry_after = retry_after
 
 
 class QueueTimeout(BackendError):

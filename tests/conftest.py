@@ -48,6 +48,17 @@ def instances_in_use(server) -> int:
     return sum(model.in_use for model in server.backend.pool.loaded_models())
 
 
+def tried_registry(directory: Path) -> str:
+    """Try every model file in `directory` once (the real trial, at the apps' N_CTX), mark the
+    default model as the one the setup installed, and return the models_list.json written."""
+    record_installed_default(directory, MODEL_NAME)
+    manager = ModelManager(str(directory), probe=SubprocessTrial(300, TEST_N_CTX, 512),
+                           background=False)
+    manager.run_pending_trials()
+    manager.close()
+    return (directory / REGISTRY_FILE).read_text()
+
+
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory) -> Path:
     """The real default model, assembled (sha256-checked) once per test session."""
@@ -65,12 +76,7 @@ def model_registry(model_file, tmp_path_factory) -> str:
     """
     directory = tmp_path_factory.mktemp("registry")
     os.symlink(model_file, directory / MODEL_NAME)
-    record_installed_default(directory, MODEL_NAME)
-    manager = ModelManager(str(directory), probe=SubprocessTrial(300, TEST_N_CTX, 512),
-                           background=False)
-    manager.run_pending_trials()
-    manager.close()
-    registry = json.loads((directory / REGISTRY_FILE).read_text())
+    registry = json.loads(tried_registry(directory))
     entry = registry["models"][0]
     assert (entry["sha256"], entry["status"]) == (gemma.EXPECTED_SHA256, "ready"), entry
     assert registry["default_model"] == MODEL_NAME

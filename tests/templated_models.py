@@ -11,11 +11,9 @@ import json
 import os
 from pathlib import Path
 
-from conftest import MODEL_NAME, TEST_N_CTX
+from conftest import MODEL_NAME, tried_registry
 from gguf_edit import with_chat_template
-from models.model_manager import ModelManager
-from models.registry_file import REGISTRY_FILE, record_installed_default
-from models.probe import SubprocessTrial
+from models.registry_file import REGISTRY_FILE
 
 
 def tried_copies(model_file: Path, directory: Path, templates: dict[str, str]) -> str:
@@ -24,12 +22,7 @@ def tried_copies(model_file: Path, directory: Path, templates: dict[str, str]) -
     os.symlink(model_file, directory / MODEL_NAME)
     for name, template in templates.items():
         with_chat_template(model_file, directory / f"{name}.gguf", template)
-    record_installed_default(directory, MODEL_NAME)
-    manager = ModelManager(str(directory), probe=SubprocessTrial(300, TEST_N_CTX, 512),
-                           background=False)
-    manager.run_pending_trials()
-    manager.close()
-    registry = json.loads((directory / REGISTRY_FILE).read_text())
+    registry = json.loads(tried_registry(directory))
     assert all(entry["status"] == "ready" for entry in registry["models"]), registry
     return json.dumps(registry)
 

@@ -280,7 +280,14 @@ def test_a_delete_on_a_full_disk_succeeds_and_leaves_the_registry_consistent(
     os.link(small_disk / ".keep", small_disk / "doomed.gguf")   # unlinking it frees nothing
     app = make_app(MODELS_DIR=str(small_disk))
     client = app.test_client()
-    assert "doomed.gguf" in [m["name"] for m in client.get("/api/v1/models").json["models"]]
+
+    def doomed_status():
+        return {m["name"]: m["status"] for m in client.get("/api/v1/models").json["models"]}.get(
+            "doomed.gguf")
+
+    # Its hash and trial write the registry in the background: let them finish before the disk
+    # fills, so that the only write on the full disk is the delete's own.
+    assert wait_until(lambda: doomed_status() == "ready", 60)
     filler = fill(small_disk)
     registry = (small_disk / REGISTRY_FILE).read_text()
     reply = client.delete("/api/v1/models/doomed.gguf")
