@@ -48,7 +48,7 @@ class ModelTokenizer:
             raise ModelLoadError(f"the tokenizer of {path} could not be loaded") from exc
         self._llm.verbose = False
         self._lock = threading.Lock()
-        self.layout = self._chat_layout(templates or ChatTemplates())
+        self.layout = self._chat_layout(templates)
 
     def tokenize(self, text: str) -> list[int]:
         """The ids of user text: no BOS, and special-token names stay plain text."""
@@ -62,7 +62,7 @@ class ModelTokenizer:
     def close(self) -> None:
         self._llm.close()
 
-    def _chat_layout(self, templates: ChatTemplates) -> ChatLayout:
+    def _chat_layout(self, templates: ChatTemplates | None) -> ChatLayout:
         """The template's user turn split around the message; a plain layout without one."""
         llm = self._llm
         bos = llm.tokenize(b"", add_bos=True, special=False)  # [BOS] when the model wants one

@@ -240,13 +240,11 @@ class Connections:
 
     def wait(self, deadline: float, busy_only: bool = True) -> bool:
         """Wait until no request is in progress (or no connection is open); True if so."""
+        def settled() -> bool:
+            return not (any(self._open.values()) if busy_only else self._open)
+
         with self._changed:
-            while any(self._open.values()) if busy_only else self._open:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._changed.wait(remaining)
-        return True
+            return self._changed.wait_for(settled, max(0.0, deadline - time.monotonic()))
 
     def abort(self) -> int:
         """Shut every open connection down, which ends any read or write blocked on it."""

@@ -87,14 +87,16 @@ def _detokenize_every_token(llm) -> None:
 
 def _generate(llm) -> None:
     """A prompt evaluated and a few tokens sampled and detokenized, by serving's own loop."""
-    from services.generation import SamplingParams, TokenLoopResult, stream_tokens, tokenize
+    from services.generation import (SamplingParams, TokenLoopResult, build_grammar,
+                                     stream_tokens, tokenize)
     from services.json_mode import any_json_object
 
     for label, grammar in (("plain", None), ("JSON grammar", any_json_object())):
         step(f"evaluating a prompt and sampling ({label})")
         params = SamplingParams(max_tokens=4, seed=1, grammar=grammar)
         tokens = tokenize(llm, SAMPLE_TEXT)[: max(1, llm.n_ctx() - 8)]
-        for _ in stream_tokens(llm, tokens, params, lambda: None, TokenLoopResult()):
+        for _ in stream_tokens(llm, tokens, params, lambda: None, TokenLoopResult(),
+                               build_grammar(llm, params.grammar)):
             pass
         llm.reset()
 

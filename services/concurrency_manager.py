@@ -217,15 +217,9 @@ class ConcurrencyManager:
 
     def drain(self, timeout: float) -> bool:
         """Stop admitting and wait up to `timeout` s for in-flight jobs; True when all finished."""
-        deadline = time.monotonic() + timeout
         with self._idle:
             self._draining = True
-            while self._in_flight:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(remaining)
-        return True
+            return self._idle.wait_for(lambda: not self._in_flight, timeout)
 
     def cancel_running(self) -> int:
         """Ask every admitted job to stop at its next check (the drain ran out); how many."""

@@ -52,10 +52,10 @@ def tokenize(llm: llama_cpp.Llama, text: str) -> list[int]:
 
 def stream_tokens(llm: llama_cpp.Llama, prompt_tokens: Sequence[int], params: SamplingParams,
                   check: Callable[[], None], result: TokenLoopResult,
-                  grammar: LlamaGrammar | None = None) -> Iterator[str]:
+                  grammar: LlamaGrammar | None) -> Iterator[str]:
     """Yield text pieces as tokens are sampled; `check()` runs before each token and may raise.
-    `grammar` is `build_grammar(llm, params.grammar)` when the caller built it beforehand (it can
-    refuse the request, so serving builds it before the reply starts); otherwise it is built here.
+    `grammar` is `build_grammar(llm, params.grammar)`, built by the caller: it can refuse the
+    request, so serving builds it before the reply starts.
 
     Stop strings are matched across token boundaries: text that could be the start of a stop
     string is held back until it is known not to be one.
@@ -74,7 +74,7 @@ def stream_tokens(llm: llama_cpp.Llama, prompt_tokens: Sequence[int], params: Sa
                           top_k=params.top_k, repeat_penalty=params.repeat_penalty,
                           presence_penalty=params.presence_penalty,
                           frequency_penalty=params.frequency_penalty,
-                          grammar=grammar or build_grammar(llm, params.grammar))
+                          grammar=grammar)
     try:
         for token in tokens:
             if llama_cpp.llama_vocab_is_eog(llm._model.vocab, token):

@@ -20,10 +20,6 @@ from services.json_mode import any_json_object, schema_grammar
 from services.llm_service import Prompt
 
 
-# llama.cpp token ids are int32; each model's own vocabulary is smaller still (checked later).
-MAX_TOKEN_ID = 2**31 - 1
-
-
 def _only(allowed: Any) -> Callable[[Any], str | None]:
     return lambda v: None if v == allowed else f"is not supported by this server (only {allowed!r})"
 
@@ -167,10 +163,7 @@ def _completion_prompt(prompt: str | list) -> Prompt:
         if isinstance(prompt, str):
             return prompt
     if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        bad = next((i for i, t in enumerate(prompt) if not 0 <= t <= MAX_TOKEN_ID), None)
-        if bad is None:
-            return list(prompt)
-        raise InvalidRequest(f"prompt[{bad}] = {prompt[bad]} is not a token id", param="prompt")
+        return list(prompt)
     raise InvalidRequest("prompt must be a string, a list of one string, or token ids (a list of "
                          "integers, or a list of one such list): one prompt per request",
                          param="prompt")
