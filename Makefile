@@ -4,6 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 RUNTIME := $(VENV)/.runtime-installed
 DEV := $(VENV)/.dev-installed
+BENCH := $(VENV)/.bench-installed
 
 .PHONY: run test bench model browser clean
 
@@ -13,7 +14,7 @@ run: $(RUNTIME) model
 test: $(DEV) model browser
 	$(PY) -m pytest
 
-bench: $(DEV) model
+bench: $(BENCH) model
 	$(PY) bench/bench.py
 
 model: $(RUNTIME)
@@ -42,6 +43,13 @@ $(RUNTIME): requirements.txt | $(PY)
 
 $(DEV): requirements-dev.txt $(RUNTIME)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	@touch $@
+
+# Only llama-server is needed: tests and examples are not built.
+$(BENCH): requirements-bench.txt $(DEV)
+	@echo ">>> installing llama.cpp's llama-server for the benchmark (compiles the first time)"
+	CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF" \
+	  $(PY) -m pip install --quiet -r requirements-bench.txt
 	@touch $@
 
 clean:
