@@ -17,18 +17,18 @@ from config import Config, load_config
 from DeepSeekLLM.deepseek_service import DeepSeekService, build_deepseek
 from models.model_manager import ModelManager, servable_check
 from models.probe import SubprocessTrial
-from services.chat_template import ChatTemplates
+from services.engine.chat_template import ChatTemplates
 from services.concurrency_manager import ConcurrencyManager
 from services.embeddings import EmbeddingService, embedding_loader
 from services.llm_service import LLMService
-from services.memory import MemoryGuard
+from services.engine.memory import MemoryGuard
 from services.model_admin import ModelAdmin
 from services.model_pool import InstanceSettings, Loader, ModelPool, llamacpp_loader
-from services.cache_report import ModelCache, PoolCache, registry_estimate
-from services.load_meter import LoadMeter
-from services.metrics import build_registry
-from services.request_stats import RequestCounts
-from services.stats import UsageStats
+from services.observability.cache_report import ModelCache, PoolCache, registry_estimate
+from services.observability.load_meter import LoadMeter
+from services.observability.metrics import build_registry
+from services.observability.request_stats import RequestCounts
+from services.observability.stats import UsageStats
 from utils.logger import AppLoggers, configure_logging
 
 

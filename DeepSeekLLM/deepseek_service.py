@@ -20,11 +20,11 @@ from DeepSeekLLM.services import PromptBuilder, count_chunks, plan_budget, split
 from DeepSeekLLM.steps import StepRunner
 from models.model_file import ModelFile
 from services.errors import InvalidRequest, ModelNotFound, ModelOnTrial, ModelUnusable
-from services.generate_request import GENERATE_PARAMS, Param, parse_params
-from services.generation import SamplingParams
+from services.dialects.generate_request import GENERATE_PARAMS, Param, parse_params
+from services.types import SamplingParams
 from services.llm_service import LLMService, check_fits
 from services.model_admin import ModelAdmin
-from services.stats import outcome_of
+from services.observability.stats import outcome_of
 
 _SHARED = {p.name: p for p in GENERATE_PARAMS}
 MIN_N_CTX = 256

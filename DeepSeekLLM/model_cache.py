@@ -20,9 +20,9 @@ import llama_cpp
 
 from DeepSeekLLM.services import ChatLayout
 from models.model_file import ModelFile
-from services.chat_template import ChatTemplates
+from services.engine.chat_template import ChatTemplates
 from services.errors import BackendError, ModelLoadError
-from services.memory import estimate_load
+from services.engine.memory import estimate_load
 from services.model_pool import LoadedModel, ModelPool, load_quietly
 
 log = logging.getLogger(__name__)

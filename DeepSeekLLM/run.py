@@ -19,9 +19,10 @@ from DeepSeekLLM.reasoning import ReasoningSplitter, split_reasoning
 from DeepSeekLLM.services import Budget, Note, PromptBuilder, group_notes
 from DeepSeekLLM.steps import StepRunner
 from services.errors import ContextOverflow
-from services.generation import SamplingParams
-from services.llm_service import Finished, GenerationStream, Timings, Token, Usage
-from services.stats import outcome_of
+from services.types import SamplingParams
+from services.llm_service import GenerationStream
+from services.types import Finished, Timings, Token, Usage
+from services.observability.stats import outcome_of
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ from typing import Iterable, Iterator, Sequence
 
 from models.model_file import ModelFile
 from services.errors import QueueTimeout, TooBusy
-from services.generation import SamplingParams
-from services.llm_service import Finished, GenerationStream, LLMService, Token
+from services.types import SamplingParams
+from services.llm_service import GenerationStream, LLMService
+from services.types import Finished, Token
 
 # While a streamed request waits for its steps, it sends a keep-alive at least this often, so
 # a client that went away is noticed (a write fails) and its steps are cancelled.

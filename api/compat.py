@@ -15,8 +15,9 @@ from flask import g
 
 from api import backend
 from api.http import guarded_stream, log_fields
-from services.generation import SamplingParams
-from services.llm_service import Finished, GenerationStream, Prompt, Token
+from services.types import SamplingParams
+from services.llm_service import GenerationStream
+from services.types import Finished, Prompt, Token
 
 Event = Token | Finished
 

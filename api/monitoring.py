@@ -10,8 +10,8 @@ from flask import Blueprint, Response, jsonify, render_template, request
 
 from api import backend
 from api.docs import document
-from services.metrics import render
-from services.reports import cache_report, concurrency_report, stats_report
+from services.observability.metrics import render
+from services.observability.reports import cache_report, concurrency_report, stats_report
 
 bp = Blueprint("monitoring", __name__, template_folder="templates", static_folder="static",
                static_url_path="/dashboard/static")

@@ -20,11 +20,11 @@ from api.docs import document
 from api.errors import register_error_handlers
 from api.http import log_fields, ndjson_response
 from api.json_body import json_body
-from services.chat import reply_events, reply_finished
+from services.dialects.chat import reply_events, reply_finished
 from services.embeddings import check_inputs
-from services.llm_service import Finished
+from services.types import Finished
 from services.model_pool import VARIANT_MARK
-from services.ollama_request import (CHAT_PARAMS, EMBED_PARAMS, GENERATE_PARAMS, MODEL_PARAMS,
+from services.dialects.ollama_request import (CHAT_PARAMS, EMBED_PARAMS, GENERATE_PARAMS, MODEL_PARAMS,
                                      OllamaGeneration, ollama_name, parse_chat,
                                      parse_embed, parse_generate, parse_model)
 

@@ -22,10 +22,10 @@ from api.docs import document
 from api.errors import register_error_handlers
 from api.http import SSEData, log_fields, sse_response
 from api.json_body import json_body
-from services.chat import reply_events, reply_finished
+from services.dialects.chat import reply_events, reply_finished
 from services.embeddings import check_inputs
-from services.llm_service import Finished
-from services.openai_request import (CHAT_PARAMS, COMPLETION_PARAMS, EMBEDDING_PARAMS,
+from services.types import Finished
+from services.dialects.openai_request import (CHAT_PARAMS, COMPLETION_PARAMS, EMBEDDING_PARAMS,
                                      OpenAIGeneration, parse_chat, parse_completion,
                                      parse_embedding)
 

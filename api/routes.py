@@ -11,9 +11,10 @@ from api import backend
 from api.docs import document
 from api.http import guarded_stream, log_fields, sse_response
 from api.json_body import json_body
-from services.generate_request import GENERATE_PARAMS
-from services.health import health_report
-from services.llm_service import Finished, GenerationStream
+from services.dialects.generate_request import GENERATE_PARAMS
+from services.observability.health import health_report
+from services.llm_service import GenerationStream
+from services.types import Finished
 
 bp = Blueprint("gguf", __name__)
 

@@ -87,9 +87,10 @@ def _detokenize_every_token(llm) -> None:
 
 def _generate(llm) -> None:
     """A prompt evaluated and a few tokens sampled and detokenized, by serving's own loop."""
-    from services.generation import (SamplingParams, TokenLoopResult, build_grammar,
+    from services.types import SamplingParams
+    from services.engine.generation import (TokenLoopResult, build_grammar,
                                      stream_tokens, tokenize)
-    from services.json_mode import any_json_object
+    from services.dialects.json_mode import any_json_object
 
     for label, grammar in (("plain", None), ("JSON grammar", any_json_object())):
         step(f"evaluating a prompt and sampling ({label})")
@@ -104,7 +105,7 @@ def _generate(llm) -> None:
 def _chat(llm) -> None:
     """The chat template rendered by serving's renderer and tokenized as the chat endpoints do;
     a template that only raises is answered per request (4xx) and does not fail the trial."""
-    from services.chat import ChatMessage, render_template
+    from services.dialects.chat import ChatMessage, render_template
     from services.errors import BackendError
 
     template = llm.metadata.get("tokenizer.chat_template")
@@ -149,9 +150,9 @@ def _compile_templates(path: str) -> None:
 
 def main(path: str, n_ctx: int, n_batch: int) -> int:
     try:     # the serving code the trial drives: a failure here is the server's, not the file's
-        import services.chat  # noqa: F401
-        import services.generation  # noqa: F401
-        import services.json_mode  # noqa: F401
+        import services.dialects.chat  # noqa: F401
+        import services.engine.generation  # noqa: F401
+        import services.dialects.json_mode  # noqa: F401
         from services.embeddings import embedding_loader
         from services.model_pool import InstanceSettings, close_instance, llamacpp_loader
     except Exception as exc:

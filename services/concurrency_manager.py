@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from services.errors import GenerationTimeout, QueueTimeout, ShuttingDown, TooBusy
-from services.window import SlidingWindow
+from services.observability.window import SlidingWindow
 
 
 class Job:

@@ -22,9 +22,9 @@ from models.model_manager import ModelManager
 from services.concurrency_manager import ConcurrencyManager, Job
 from services.errors import ContextOverflow, InvalidRequest
 from services.llm_service import next_event
-from services.memory import estimate_load
+from services.engine.memory import estimate_load
 from services.model_pool import InstanceSettings, Loader, ModelPool, load_quietly, variant_name
-from services.stats import UsageStats, outcome_of
+from services.observability.stats import UsageStats, outcome_of
 
 MAX_INPUTS = 2048
 

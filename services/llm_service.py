@@ -12,90 +12,29 @@ import functools
 import queue
 import threading
 import time
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Sequence, Union
+from dataclasses import replace
+from typing import Any, Iterator, Sequence
 
 from langchain_core.prompts import PromptTemplate
 
 from models.model_file import ModelFile
 from models.model_manager import ModelManager
-from services.chat_template import ChatTemplates
+from services.engine.chat_template import ChatTemplates
 from services.concurrency_manager import ConcurrencyManager, Job
 from services.errors import ContextOverflow, GenerationTimeout, InvalidRequest, QueueTimeout
-from services.generate_request import GenerateRequest
-from services.generation import (SamplingParams, TokenLoopResult, build_grammar, stream_tokens,
-                                 tokenize)
-from services.memory import estimate_load
+from services.dialects.generate_request import GenerateRequest
+from services.engine.generation import TokenLoopResult, build_grammar, stream_tokens, tokenize
+from services.types import (Finished, Prompt, Render, SamplingParams, Started, Timings,
+                           Token, Usage)
+from services.engine.memory import estimate_load
 from services.model_pool import ModelPool
-from services.stats import UsageStats, outcome_of
+from services.observability.stats import UsageStats, outcome_of
 
 # How long the caller waits past a deadline the worker enforces itself before giving up on it.
 _GRACE_SECONDS = 1.0
 
 _PLAIN = PromptTemplate.from_template("{prompt}")
 _WITH_SYSTEM = PromptTemplate.from_template("{system}\n\n{prompt}")
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    def to_dict(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-
-@dataclass(frozen=True)
-class Timings:
-    queue_ms: float
-    generation_ms: float
-    tokens_per_second: float
-    # Parts of the whole, for replies that report them (Ollama's durations): loading the
-    # instance, and evaluating the prompt up to the first sampled token.
-    load_ms: float = 0.0
-    prompt_ms: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {"queue_ms": round(self.queue_ms, 1), "generation_ms": round(self.generation_ms, 1),
-                "tokens_per_second": round(self.tokens_per_second, 1)}
-
-
-@dataclass(frozen=True)
-class Started:
-    model: str
-    prompt_tokens: int
-    queue_ms: float
-
-
-@dataclass(frozen=True)
-class Token:
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    model: str
-    text: str
-    finish_reason: str
-    usage: Usage
-    timings: Timings
-
-
-@dataclass(frozen=True)
-class PromptTokens:
-    """A prompt built on the worker from the checked-out instance (a chat rendered with the
-    model's own template): its token ids, and stop strings its layout adds."""
-
-    tokens: Sequence[int]
-    stop: tuple[str, ...] = ()
-
-
-# Renders a chat template: ChatTemplates.render with the job's stop check bound in.
-Render = Callable[..., str]
-# Text (tokenized with BOS), the model's own token ids, or a builder called on the worker with
-# the instance's llama_cpp.Llama and the app's template renderer.
-Prompt = Union[str, Sequence[int], Callable[[Any, Render], PromptTokens]]
 
 
 class GenerationStream:

@@ -11,7 +11,7 @@ from models.model_file import ModelFile
 from models.model_manager import ModelManager
 from models.uploads import HashingFile, expected_sha256, model_file_name, sanitised_file_name
 from services.errors import InvalidRequest, ModelNotFound
-from services.memory import MemoryGuard, estimate_load, system_report
+from services.engine.memory import MemoryGuard, estimate_load, system_report
 from services.model_pool import ModelPool, model_of
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from services.errors import BackendError, ModelLoadError, QueueTimeout, ShuttingDown
-from services.memory import LoadCost
+from services.engine.memory import LoadCost
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import requests
 
 from conftest import MODEL_NAME
 from templated_models import templated_dir, tried_copies
-from services.chat import ChatMessage, parse_messages, plain_layout, render_template
+from services.dialects.chat import ChatMessage, parse_messages, plain_layout, render_template
 from services.errors import ChatTemplateError, InvalidRequest
 
 # Gemma 3's chat template (text part), as its instruction-tuned GGUFs carry it.

@@ -14,8 +14,8 @@ from DeepSeekLLM.run import _collapse
 from DeepSeekLLM.services import (MIN_NOTE_TOKENS, Note, PromptBuilder, group_notes, plan_budget,
                                   split_tokens)
 from services.errors import ContextOverflow, InvalidRequest
-from services.generation import SamplingParams
-from services.llm_service import Finished, Timings, Usage
+from services.types import SamplingParams
+from services.types import Finished, Timings, Usage
 
 WORDS = ["the", "contract", "ends", "in", "March", "2027", ";", "über", "naïve", "東京", "🙂",
          "\n\n", "<think>", "<end_of_turn>", "  ", "x" * 30, "1234567890"]

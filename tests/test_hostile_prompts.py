@@ -19,7 +19,7 @@ from app_factory import create_app
 from conftest import MODEL_NAME, TEST_N_CTX, LiveServer, wait_until
 from templated_models import templated_dir, tried_copies
 from test_chat_template import GEMMA_TEMPLATE
-from services.chat_template import ChatTemplates
+from services.engine.chat_template import ChatTemplates
 
 # Sizes come from `one` (the number of messages), not constants: Jinja folds constant
 # expressions when it compiles a template, and llama-cpp-python compiles the GGUF's template

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from services.errors import GenerationTimeout, QueueTimeout, TooBusy
-from services.request_stats import RequestCounts, classify
-from services.stats import UsageStats, outcome_of
-from services.window import BucketHistogram, SlidingWindow, percentile
+from services.observability.request_stats import RequestCounts, classify
+from services.observability.stats import UsageStats, outcome_of
+from services.observability.window import BucketHistogram, SlidingWindow, percentile
 
 
 class Clock:

@@ -11,13 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from services.chat import ChatPrompt, parse_messages
+from services.dialects.chat import ChatPrompt, parse_messages
 from services.errors import InvalidRequest
-from services.generate_request import (MAX_STOP_STRINGS, Param, _at_least, _range, _stop_list,
+from services.dialects.generate_request import (MAX_STOP_STRINGS, Param, _at_least, _range, _stop_list,
                                        parse_params)
-from services.generation import SamplingParams
-from services.json_mode import any_json_object, schema_grammar
-from services.llm_service import Prompt
+from services.types import SamplingParams
+from services.dialects.json_mode import any_json_object, schema_grammar
+from services.types import Prompt
 
 
 def _only(allowed: Any) -> Callable[[Any], str | None]:

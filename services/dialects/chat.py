@@ -3,7 +3,7 @@
 The template comes from the GGUF (`tokenizer.chat_template`) of the instance that runs the
 request, so rendering happens on the worker (`ChatPrompt` is the builder `LLMService` calls,
 with the app's `ChatTemplates`). It renders in Jinja's sandbox with bounds on time and size
-(services/chat_template.py): a template that reaches for Python internals, or runs past a bound,
+(services/engine/chat_template.py): a template that reaches for Python internals, or runs past a bound,
 is a `ChatTemplateError` (422, the model file's fault) and its worker is free again at once. A
 model without a template (such as the default Gemma 3 270M, a base model) gets
 "User: … / Assistant:" turns and stops where it starts a new turn.
@@ -14,9 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
-from services.chat_template import ChatTemplates
+from services.engine.chat_template import ChatTemplates
 from services.errors import InvalidRequest
-from services.llm_service import Finished, PromptTokens, Render, Token
+from services.types import Finished, PromptTokens, Render, Token
 
 MAX_MESSAGES = 1024
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant",

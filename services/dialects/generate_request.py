@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from services.errors import InvalidRequest
-from services.generation import SamplingParams
+from services.types import SamplingParams
 
 MAX_STOP_STRINGS = 8
 # llama.cpp takes top_k as an int32: a larger value would wrap around, not mean "all".

@@ -16,7 +16,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from services.reports import cache_statuses
+from services.observability.reports import cache_statuses
 
 
 class BackendCollector(Collector):

@@ -17,21 +17,7 @@ import llama_cpp
 from llama_cpp.llama_grammar import LlamaGrammar
 
 from services.errors import InvalidRequest
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int | None = 256    # None: until end of turn or the context is full
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    repeat_penalty: float = 1.1
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    # GBNF text the output must match (JSON mode); built into a grammar by the worker.
-    grammar: str | None = None
+from services.types import SamplingParams
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import psutil
 
-from services.window import LOAD_BUCKETS, BucketHistogram
+from services.observability.window import LOAD_BUCKETS, BucketHistogram
 
 Loader = Callable[..., Any]  # loader(path), or loader(path, n_ctx) for its own context size
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from services.errors import GenerationTimeout, QueueTimeout, TooBusy
-from services.window import LATENCY_BUCKETS, TTFT_BUCKETS, BucketHistogram, SlidingWindow
+from services.observability.window import LATENCY_BUCKETS, TTFT_BUCKETS, BucketHistogram, SlidingWindow
 
 OUTCOMES = ("succeeded", "failed", "rejected", "timed_out", "cancelled")
 

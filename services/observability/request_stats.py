@@ -10,7 +10,7 @@ import threading
 from collections import Counter
 
 from services.errors import GenerationTimeout, QueueTimeout
-from services.stats import OUTCOMES
+from services.observability.stats import OUTCOMES
 
 # Route of a request that matched no rule (404s for unknown paths): one bucket for all of them.
 UNMATCHED = "<unmatched>"

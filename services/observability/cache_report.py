@@ -10,8 +10,8 @@ import datetime
 from typing import Callable, Iterable, Protocol
 
 from services.errors import ModelNotFound
-from services.load_meter import LoadMeter
-from services.memory import estimate_load
+from services.observability.load_meter import LoadMeter
+from services.engine.memory import estimate_load
 from services.model_pool import LoadedModel, ModelPool, model_of
 
 # (model name, instances loaded, their n_ctx or None) -> estimated bytes, None if unknown.

@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from services.chat import ChatMessage, ChatPrompt, parse_messages
+from services.dialects.chat import ChatMessage, ChatPrompt, parse_messages
 from services.errors import InvalidRequest
-from services.generate_request import (MAX_TOP_K, Param, _range, _stop_list,
+from services.dialects.generate_request import (MAX_TOP_K, Param, _range, _stop_list,
                                        parse_params)
-from services.generation import SamplingParams
-from services.json_mode import any_json_object, schema_grammar
-from services.llm_service import Prompt
+from services.types import SamplingParams
+from services.dialects.json_mode import any_json_object, schema_grammar
+from services.types import Prompt
 
 TAG = ":latest"
 SUFFIX = ".gguf"

@@ -1,0 +1,94 @@
+"""The value types every layer shares: what a request asks for, and what a generation reports.
+
+They sit at the bottom of `services/`: the dialect parsers build them, the engine consumes and
+produces them, the API shapes them into replies. Nothing here imports from the rest of the app.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, Union
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = 256    # None: until end of turn or the context is full
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # GBNF text the output must match (JSON mode); built into a grammar sampler by the engine.
+    grammar: str | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_dict(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+@dataclass(frozen=True)
+class Timings:
+    queue_ms: float
+    generation_ms: float
+    tokens_per_second: float
+    # Parts of the whole, for replies that report them (Ollama's durations): loading the
+    # model, and evaluating the prompt up to the first sampled token.
+    load_ms: float = 0.0
+    prompt_ms: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"queue_ms": round(self.queue_ms, 1), "generation_ms": round(self.generation_ms, 1),
+                "tokens_per_second": round(self.tokens_per_second, 1)}
+
+
+@dataclass(frozen=True)
+class Started:
+    model: str
+    prompt_tokens: int
+    queue_ms: float
+
+
+@dataclass(frozen=True)
+class Token:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    model: str
+    text: str
+    finish_reason: str
+    usage: Usage
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt built from the loaded model (a chat rendered with the model's own template):
+    its token ids, and stop strings its layout adds."""
+
+    tokens: Sequence[int]
+    stop: tuple[str, ...] = ()
+
+
+# Renders a chat template: ChatTemplates.render with the job's stop check bound in.
+Render = Callable[..., str]
+# Text (tokenized with BOS), the model's own token ids, or a builder called with the loaded
+# model's llama_cpp.Llama and the app's template renderer.
+Prompt = Union[str, Sequence[int], Callable[[Any, Render], PromptTokens]]
+
+
+# How a request (or a job) ended: the one vocabulary of /stats, /stats/concurrency and /metrics.
+SUCCEEDED, FAILED, REJECTED = "succeeded", "failed", "rejected"
+TIMED_OUT, QUEUE_TIMED_OUT, CANCELLED = "timed_out", "queue_timed_out", "cancelled"
+OUTCOMES = (SUCCEEDED, FAILED, REJECTED, TIMED_OUT, QUEUE_TIMED_OUT, CANCELLED)
