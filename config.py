@@ -99,7 +99,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("LOG_PROMPTS", _bool, False, "write prompts and generated text to api.log"),
     Setting("MAX_CONCURRENT_REQUESTS", _int(1), 10, "admitted (running + queued) requests"),
     Setting("MAX_WORKERS", _int(1), 4, "generation worker threads"),
-    Setting("MODEL_POOL_SIZE", _int(1), 3, "llama.cpp instances per model"),
+    Setting("MODEL_POOL_SIZE", _int(1), 3,
+            "embedding contexts per model (generation runs in one batched context per model)"),
+    Setting("N_PARALLEL", _int(1), 8,
+            "sequence slots of a model's batched context: requests decoded together"),
+    Setting("KV_CACHE_TOKENS", _int(0), 0,
+            "KV cache of a model's batched context, shared by its slots (0: 3 x N_CTX)"),
     Setting("QUEUE_TIMEOUT", _float(0.001), 30.0, "seconds to wait for a worker and an instance"),
     Setting("REQUEST_TIMEOUT", _float(0.001), 300.0, "seconds a generation may run"),
     Setting("SHUTDOWN_TIMEOUT", _float(0), 60.0, "seconds SIGTERM waits for running requests"),
@@ -113,7 +118,7 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a reply may wait on a client that does not read before it is dropped"),
     Setting("N_CTX", _int(16), 4096, "context window of GGUF instances (tokens)"),
     Setting("N_BATCH", _int(1), 512, "llama.cpp prompt batch size"),
-    Setting("N_THREADS", _threads, None, "threads per instance; auto = cores / instances"),
+    Setting("N_THREADS", _threads, None, "llama.cpp threads per context; auto = all cores"),
     Setting("N_GPU_LAYERS", _int(-1), 0, "layers offloaded to a GPU (passed to llama.cpp)"),
     Setting("DEEPSEEK_DEFAULT_CTX", _int(16), 8192, "default DeepSeek context (tokens)"),
     Setting("DEEPSEEK_MAX_CTX", _int(16), 32768, "largest DeepSeek context a request may ask"),
@@ -170,15 +175,14 @@ class Config:
 
     @property
     def threads_per_instance(self) -> int:
-        """N_THREADS, or with 'auto' the cores shared by the instances that can run at once.
+        """N_THREADS, or with 'auto' every core: one batched context per model decodes all of
+        its requests in one llama_decode per step, so it is the one thing computing."""
+        return self.N_THREADS or max(1, os.cpu_count() or 1)
 
-        On 2 cores two single-thread instances beat three two-thread ones (86 vs 71 tokens/s):
-        llama.cpp threads spin, so oversubscribing the cores costs more than it gives.
-        """
-        if self.N_THREADS:
-            return self.N_THREADS
-        running_at_once = min(self.MODEL_POOL_SIZE, self.MAX_WORKERS)
-        return max(1, (os.cpu_count() or 1) // running_at_once)
+    def kv_cache_tokens(self, n_ctx: int) -> int:
+        """Cells of a batched context whose requests may each use `n_ctx`: KV_CACHE_TOKENS, or
+        with 0 three requests' worth (the memory the former default pool of 3 instances took)."""
+        return max(self.KV_CACHE_TOKENS, n_ctx) if self.KV_CACHE_TOKENS else 3 * n_ctx
 
     def public_items(self) -> list[tuple[str, Any, str]]:
         """(name, value, help) for the startup log and docs page, secrets masked."""

@@ -46,13 +46,19 @@ def test_environment_values_are_parsed():
     assert config.N_GPU_LAYERS == -1 and config.TESTING
 
 
-def test_auto_threads_share_the_cores_between_instances_that_run_at_once():
+def test_auto_threads_give_the_one_batched_context_every_core():
     config = load_config({"MODEL_POOL_SIZE": "2", "MAX_WORKERS": "4"})
-    assert config.threads_per_instance == max(1, os.cpu_count() // 2)
+    assert config.threads_per_instance == os.cpu_count()
+
+
+def test_the_kv_cache_defaults_to_three_requests_worth_and_never_below_one():
+    assert load_config({"N_CTX": "1024"}).kv_cache_tokens(1024) == 3072
+    assert load_config({"KV_CACHE_TOKENS": "500"}).kv_cache_tokens(2048) == 2048
+    assert load_config({"KV_CACHE_TOKENS": "9000"}).kv_cache_tokens(2048) == 9000
 
 
 @pytest.mark.parametrize("name,value", [
-    ("MAX_WORKERS", "abc"), ("MODEL_POOL_SIZE", "0"), ("PORT", "-1"), ("QUEUE_TIMEOUT", "soon"),
+    ("MAX_WORKERS", "abc"), ("MODEL_POOL_SIZE", "0"), ("N_PARALLEL", "0"), ("PORT", "-1"), ("QUEUE_TIMEOUT", "soon"),
     ("N_THREADS", "0"), ("APP_ENV", "staging"), ("REQUEST_TIMEOUT", "inf"),
 ])
 def test_invalid_values_are_refused_naming_the_variable(name, value):
