@@ -14,8 +14,9 @@ run: $(RUNTIME) model
 test: $(DEV) model browser
 	$(PY) -m pytest
 
+# make bench BENCH_ARGS="--no-deepseek --requests 5": bench/bench.py --help lists the options.
 bench: $(BENCH) model
-	$(PY) bench/bench.py
+	$(PY) bench/bench.py $(BENCH_ARGS)
 
 model: $(RUNTIME)
 	@$(PY) scripts/install_model.py

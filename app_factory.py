@@ -19,6 +19,7 @@ from models.model_manager import ModelManager, servable_check
 from models.probe import SubprocessTrial
 from services.engine.chat_template import ChatTemplates
 from services.concurrency_manager import ConcurrencyManager
+from services.engine.batch_engine import EngineSettings
 from services.embeddings import EmbeddingService, embedding_loader
 from services.llm_service import LLMService
 from services.engine.memory import MemoryGuard
@@ -80,19 +81,22 @@ def build_backend(config: Config, loader: Loader | None = None) -> Backend:
     guard = MemoryGuard(config.MEMORY_RESERVE_BYTES)
     meter = LoadMeter()
     pool = ModelPool(config.MODEL_POOL_SIZE, meter.wrap(loader or llamacpp_loader(settings)),
-                     guard.check, admit=servable_check(managers.values()))
-    concurrency = ConcurrencyManager(config.MAX_CONCURRENT_REQUESTS, config.MAX_WORKERS,
-                                     config.QUEUE_TIMEOUT, config.REQUEST_TIMEOUT)
+                     guard.check, admit=servable_check(managers.values()),
+                     engine_settings=functools.partial(engine_settings, config))
     stats = UsageStats()
+    concurrency = ConcurrencyManager(config.MAX_CONCURRENT_REQUESTS, config.MAX_WORKERS,
+                                     config.QUEUE_TIMEOUT, config.REQUEST_TIMEOUT,
+                                     on_outcome=stats.record_outcome)
     backend = Backend(
         config=config,
         loggers=configure_logging(config.LOG_DIR, config.LOG_MAX_BYTES, config.LOG_BACKUP_COUNT),
-        models=models, model_admin=ModelAdmin(managers, pool, guard, config.N_CTX), pool=pool,
+        models=models, pool=pool,
+        model_admin=ModelAdmin(managers, pool, guard, config.kv_cache_tokens(config.N_CTX)),
         concurrency=concurrency, stats=stats,
         llm=LLMService(models, pool, concurrency, stats, config.N_CTX,
                        ChatTemplates(config.CHAT_TEMPLATE_TIMEOUT)), load_meter=meter)
     backend.caches.append(PoolCache("pool", pool, meter,
-                                    registry_estimate(managers.values(), config.N_CTX)))
+                                    registry_estimate(managers.values())))
     backend.deepseek = build_deepseek(config, backend.model_admin, backend.llm)
     backend.embeddings = EmbeddingService(models, pool, concurrency, stats,
                                           meter.wrap(embedding_loader(settings, config.N_CTX)),
@@ -100,6 +104,14 @@ def build_backend(config: Config, loader: Loader | None = None) -> Backend:
     backend.caches.append(backend.deepseek.cache)
     backend.metrics = build_registry(backend)
     return backend
+
+
+def engine_settings(config: Config, n_ctx: int | None) -> EngineSettings:
+    """A model's batched context for requests of `n_ctx` tokens (None: N_CTX)."""
+    n_ctx = n_ctx or config.N_CTX
+    return EngineSettings(slots=config.N_PARALLEL, kv_cells=config.kv_cache_tokens(n_ctx),
+                          n_ctx=n_ctx, n_batch=config.N_BATCH,
+                          n_threads=config.threads_per_instance)
 
 
 def register_blueprints(app: Flask) -> None:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import logging
-from typing import Iterator
-
 from flask import Blueprint, g, jsonify
 
 from api import backend
 from api.docs import document
-from api.http import guarded_stream, log_fields, sse_response
+from api.http import log_fields
 from api.json_body import json_body
+from api.relay import Wire, log_result, relay
 from DeepSeekLLM.deepseek_service import DEEPSEEK_PARAMS
-from DeepSeekLLM.run import DeepSeekResult, DeepSeekRun, Piece, Progress
+from DeepSeekLLM.run import DeepSeekResult, Piece, Progress
 
 bp = Blueprint("deepseek", __name__)
 
@@ -69,30 +67,23 @@ def generate():
     if request.stream:
         run = service.stream(request)
         log_fields(model=run.model, chunks=run.chunking["chunks"])
-        return sse_response(_sse_events(run, g.request_id, g.log_fields, backend().loggers.errors))
-    result = service.generate(request)
-    log_fields(model=result.model, prompt_tokens=result.usage.prompt_tokens,
-               completion_tokens=result.usage.completion_tokens, chunks=result.chunking["chunks"])
+        return relay(run, run.close, Wire(_sse_event(g.request_id)))
+    result = log_result(service.generate(request))
+    log_fields(model=result.model, chunks=result.chunking["chunks"])
     return jsonify(request_id=g.request_id, **result.to_dict())
 
 
-def _sse_events(run: DeepSeekRun, request_id: str, fields: dict,
-                errors_log: logging.Logger) -> Iterator[dict | str]:
-    """Progress, reasoning and token events, then `done`; a later error is a last `error` event."""
+def _sse_event(request_id: str):
+    """Progress events, {"reasoning"} and {"token"} pieces of the answer, then {"done": true}
+    with usage summed over every step and the chunking summary (not the text)."""
 
-    def events() -> Iterator[dict | str]:
-        for event in run:
-            if isinstance(event, Progress):
-                yield {"event": event.phase, "index": event.index, "of": event.of}
-            elif isinstance(event, Piece):
-                yield {"token" if event.kind == "text" else "reasoning": event.text}
-            elif isinstance(event, DeepSeekResult):
-                fields.update(prompt_tokens=event.usage.prompt_tokens,
-                              completion_tokens=event.usage.completion_tokens)
-                done = event.to_dict()
-                del done["text"], done["reasoning"]
-                yield {"done": True, "request_id": request_id, **done}
-            else:
-                yield event
+    def shape(event: Progress | Piece | DeepSeekResult) -> list[dict]:
+        if isinstance(event, Progress):
+            return [{"event": event.phase, "index": event.index, "of": event.of}]
+        if isinstance(event, Piece):
+            return [{"token" if event.kind == "text" else "reasoning": event.text}]
+        done = event.to_dict()
+        del done["text"], done["reasoning"]
+        return [{"done": True, "request_id": request_id, **done}]
 
-    return guarded_stream(events(), run.close, fields, request_id, errors_log)
+    return shape

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from DeepSeekLLM.model_cache import CachedModel, ModelCache, ModelTokenizer
@@ -20,35 +20,35 @@ from DeepSeekLLM.services import PromptBuilder, count_chunks, plan_budget, split
 from DeepSeekLLM.steps import StepRunner
 from models.model_file import ModelFile
 from services.errors import InvalidRequest, ModelNotFound, ModelOnTrial, ModelUnusable
-from services.dialects.generate_request import GENERATE_PARAMS, Param, parse_params
+from services.dialects import sampling_fields as f
+from services.dialects.params import Param, at_least, not_blank, parse_params
 from services.types import SamplingParams
 from services.llm_service import LLMService, check_fits
 from services.model_admin import ModelAdmin
-from services.observability.stats import outcome_of
+from services.concurrency_manager import outcome_of
+from services.types import CANCELLED
 
-_SHARED = {p.name: p for p in GENERATE_PARAMS}
 MIN_N_CTX = 256
 
 DEEPSEEK_PARAMS: tuple[Param, ...] = (
-    Param("prompt", "string", None, "the instruction or question (required)",
-          lambda v: None if v.strip() else "must not be empty", required=True),
+    Param("prompt", "string", None, "the instruction or question (required)", not_blank,
+          required=True),
     Param("context", "string", "", "a document to work from, any length: chunked (map-reduce) "
           "when it does not fit n_ctx"),
     Param("model", "string", None, "model name from GET /api/deepseek/models; the first one if "
-          "omitted", lambda v: None if v.strip() else "must not be empty"),
-    replace(_SHARED["max_tokens"], help="tokens the answer may have (and each note, at most)"),
-    _SHARED["temperature"], _SHARED["top_p"], _SHARED["top_k"], _SHARED["repeat_penalty"],
-    _SHARED["seed"],
+          "omitted", not_blank),
+    f.MAX_TOKENS.param(note="the answer's, and each note's at most"),
+    f.TEMPERATURE.param(), f.TOP_P.param(), f.TOP_K.param(), f.MIN_P.param(),
+    f.REPEAT_PENALTY.param(), f.SEED.param(),
     Param("n_ctx", "integer", None, f"context window of each step ({MIN_N_CTX} .. "
           f"DEEPSEEK_MAX_CTX and the model's own); default DEEPSEEK_DEFAULT_CTX",
-          lambda v: None if v >= MIN_N_CTX else f"must be >= {MIN_N_CTX}"),
+          at_least(MIN_N_CTX)),
     Param("chunk_size", "integer", None, "tokens per chunk when the context must be chunked; "
-          "default DEEPSEEK_CHUNK_SIZE, or less to fit", lambda v: None if v >= 16 else
-          "must be >= 16"),
+          "default DEEPSEEK_CHUNK_SIZE, or less to fit", at_least(16)),
     Param("chunk_overlap", "integer", None, "tokens neighbouring chunks share; default "
-          "DEEPSEEK_CHUNK_OVERLAP, at most a quarter of the chunk",
-          lambda v: None if v >= 0 else "must be >= 0"),
-    _SHARED["stream"],
+          "DEEPSEEK_CHUNK_OVERLAP, at most a quarter of the chunk", at_least(0)),
+    Param("stream", "boolean", False, "stream progress, reasoning and token events as "
+          "server-sent events"),
 )
 
 
@@ -79,15 +79,10 @@ class DeepSeekRequest:
         n_ctx, size, overlap = values["n_ctx"], values["chunk_size"], values["chunk_overlap"]
         if n_ctx is not None and n_ctx > max_ctx:
             raise InvalidRequest(f"n_ctx must be at most DEEPSEEK_MAX_CTX ({max_ctx})")
-        if values["max_tokens"] >= (n_ctx or max_ctx):
-            raise InvalidRequest("max_tokens must be smaller than n_ctx")
         if size is not None and overlap is not None and overlap >= size:
             raise InvalidRequest(f"chunk_overlap ({overlap}) must be smaller than chunk_size "
                                  f"({size})")
-        sampling = SamplingParams(
-            max_tokens=values["max_tokens"], temperature=float(values["temperature"]),
-            top_p=float(values["top_p"]), top_k=values["top_k"],
-            repeat_penalty=float(values["repeat_penalty"]), seed=values["seed"])
+        sampling = f.sampling_params(n_ctx or max_ctx, **f.named_fields(values))
         return cls(prompt=values["prompt"], context=values["context"], model=values["model"],
                    n_ctx=n_ctx, chunk_size=size, chunk_overlap=overlap,
                    sampling=sampling, stream=values["stream"])
@@ -159,20 +154,23 @@ class DeepSeekService:
             ModelLoadError, ShuttingDown:
         """
         model = self.resolve(request.model)
+        job = self.llm.concurrency.admit(model.name)
         cleanup = ExitStack()
+        cleanup.callback(job.end, CANCELLED)       # a run closed before it ended
         try:
             plan = self._plan(cleanup.enter_context(self.cache.use(model)), request)
             self.cache.add_context(plan.entry, plan.n_ctx)
-            runner = StepRunner(self.llm, model, plan.n_ctx, self.window, self.queue_timeout)
+            # Seeded steps each run alone (README, "Seeds and batching"): one at a time.
+            window = 1 if request.sampling.seed is not None else self.window
+            runner = StepRunner(self.llm, model, plan.n_ctx, window, job)
             cleanup.callback(runner.close)
             first = plan.single or plan.builder.map_step(plan.chunks[0])
             first_step = runner.start_first(first, step_sampling(plan, request.sampling))
         except BaseException as exc:
+            job.end(outcome_of(exc))
             cleanup.close()
-            self.llm.stats.record_outcome(model.name, outcome_of(exc))
             raise
-        events = run_events(plan, runner, first_step, request.sampling,
-                            self.llm.stats.record_outcome)
+        events = run_events(plan, runner, first_step, request.sampling)
         return DeepSeekRun(model.name, plan.chunking(), events, cleanup)
 
     def evict(self, name: str) -> bool:
@@ -240,6 +238,5 @@ def build_deepseek(config: Any, admin: ModelAdmin, llm: LLMService) -> DeepSeekS
                             config.DEEPSEEK_MAX_STEPS)
     cache = ModelCache(config.DEEPSEEK_CACHE_SIZE, llm.pool,
                        functools.partial(ModelTokenizer, templates=llm.templates))
-    return DeepSeekService(admin, llm, cache, limits,
-                           window=min(config.MODEL_POOL_SIZE, config.MAX_WORKERS),
+    return DeepSeekService(admin, llm, cache, limits, window=config.N_PARALLEL,
                            queue_timeout=config.QUEUE_TIMEOUT)

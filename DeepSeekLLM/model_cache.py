@@ -171,8 +171,8 @@ class ModelCache:
     def _describe(entry: CachedModel, users: int, loaded: list[LoadedModel]) -> dict:
         mine = [m for m in loaded if m.name == entry.model.name and m.n_ctx in entry.contexts]
         instances = sum(m.instances for m in mine)
-        kv = sum(estimate_load(entry.model.size_bytes, entry.model.kv_bytes_per_token,
-                               m.n_ctx).kv_cache_bytes * m.instances for m in mine)
+        kv = estimate_load(entry.model.size_bytes, entry.model.kv_bytes_per_token,
+                           sum(m.kv_tokens for m in mine)).kv_cache_bytes
         return {"name": entry.model.name, "instances": instances,
                 "idle": instances - sum(m.in_use for m in mine),
                 "in_use": sum(m.in_use for m in mine), "requests": users,

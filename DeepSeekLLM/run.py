@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Iterator
 
 from DeepSeekLLM.model_cache import CachedModel
 from DeepSeekLLM.reasoning import ReasoningSplitter, split_reasoning
@@ -21,8 +21,8 @@ from DeepSeekLLM.steps import StepRunner
 from services.errors import ContextOverflow
 from services.types import SamplingParams
 from services.llm_service import GenerationStream
-from services.types import Finished, Timings, Token, Usage
-from services.observability.stats import outcome_of
+from services.types import SUCCEEDED, Finished, Timings, Token, Usage
+from services.concurrency_manager import outcome_of
 
 
 @dataclass(frozen=True)
@@ -102,19 +102,18 @@ def step_sampling(plan: Plan, sampling: SamplingParams) -> SamplingParams:
     return replace(sampling, max_tokens=plan.budget.note_tokens) if plan.chunks else sampling
 
 
-def run_events(plan: Plan, runner: StepRunner, first: GenerationStream, sampling: SamplingParams,
-               record_outcome: Callable[[str, str], None]) -> Iterator:
-    """The run proper, from its started first step; records the request's one outcome."""
-    name = plan.entry.model.name
+def run_events(plan: Plan, runner: StepRunner, first: GenerationStream,
+               sampling: SamplingParams) -> Iterator:
+    """The run proper, from its started first step; ends the request's job once."""
     try:
         final = first
         if plan.chunks:
             final = yield from _map_reduce(plan, runner, first, sampling)
         result = yield from _answer(plan, runner, final)
     except BaseException as exc:
-        record_outcome(name, outcome_of(exc))
+        runner.job.end(outcome_of(exc))
         raise
-    record_outcome(name, "succeeded")
+    runner.job.end(SUCCEEDED)
     yield result
 
 

@@ -1,15 +1,10 @@
-"""The generation steps of one DeepSeek request, run on the shared concurrency manager and pool.
+"""The generation steps of one DeepSeek request, run as jobs within that request's job.
 
-Each step is an ordinary generation (`LLMService.start`): admitted by the ConcurrencyManager,
-run on its workers with an instance checked out of the ModelPool, and held to QUEUE_TIMEOUT and
-REQUEST_TIMEOUT on its own. A request runs at most `window` steps at once (MODEL_POOL_SIZE, and
-no more than MAX_WORKERS), so every step it submits can get an instance and it never queues
-behind itself.
-
-Admission: the request's first step is submitted like any generation, and a full server refuses
-it with TooBusy (429). A later step refused because other requests hold every slot does not
-fail a request that is already under way: it is retried as soon as one of the request's own
-steps ends, or, with none running, polled for up to QUEUE_TIMEOUT (then QueueTimeout, 503).
+The request is admitted once (`ConcurrencyManager.admit`: 429 when the server is full); each of
+its steps is an ordinary generation submitted `within` that job, so it takes no admission place
+of its own, is held to QUEUE_TIMEOUT and REQUEST_TIMEOUT on its own, and decodes on the model's
+batched engine beside every other sequence. Up to `window` steps (N_PARALLEL, the engine's
+slots) run at once, so the map steps of one request decode together in one batch.
 """
 
 from __future__ import annotations
@@ -19,26 +14,23 @@ from collections import deque
 from typing import Iterable, Iterator, Sequence
 
 from models.model_file import ModelFile
-from services.errors import QueueTimeout, TooBusy
-from services.types import SamplingParams
+from services.concurrency_manager import Job
 from services.llm_service import GenerationStream, LLMService
-from services.types import Finished, Token
+from services.types import Finished, SamplingParams, Token
 
 # While a streamed request waits for its steps, it sends a keep-alive at least this often, so
 # a client that went away is noticed (a write fails) and its steps are cancelled.
 HEARTBEAT_SECONDS = 1.0
 HEARTBEAT = "keep-alive"
-_RETRY_SECONDS = 0.05
 
 
 class StepRunner:
     """Starts, drains and, on close, cancels the steps of one request; sums their usage."""
 
-    def __init__(self, llm: LLMService, model: ModelFile, n_ctx: int, window: int,
-                 queue_timeout: float):
+    def __init__(self, llm: LLMService, model: ModelFile, n_ctx: int, window: int, job: Job):
         self._llm, self._model, self._n_ctx = llm, model, n_ctx
         self.window = max(1, window)
-        self._queue_timeout = queue_timeout
+        self.job = job
         self._open: set[GenerationStream] = set()
         self.steps = 0
         self.prompt_tokens = 0
@@ -48,45 +40,27 @@ class StepRunner:
         self._last_beat = time.monotonic()
 
     def start_first(self, prompt: Sequence[int], sampling: SamplingParams) -> GenerationStream:
-        """Submit the request's first step and wait until it holds an instance.
+        """Submit the request's first step and wait until it holds a slot; the request's queue
+        wait ends there.
 
-        :raise TooBusy, QueueTimeout, ContextOverflow, ModelLoadError, ShuttingDown:
+        :raise QueueTimeout, ContextOverflow, ModelLoadError, ShuttingDown:
         """
-        stream = self._llm.start(self._model, prompt, sampling, self._n_ctx, counted=False)
-        self._open.add(stream)
-        self.queue_ms = stream.started.queue_ms
+        stream = self.start(prompt, sampling)
+        started = stream.wait_started()
+        self.job.reserve()
+        self.job.start()
+        self.queue_ms = started.queue_ms
         self.started_at = time.monotonic()
         return stream
 
-    def start(self, prompt: Sequence[int], sampling: SamplingParams,
-              own_steps_running: bool = False) -> GenerationStream | None:
-        """Submit a later step; None when the server is full but own steps will free a slot.
+    def start(self, prompt: Sequence[int], sampling: SamplingParams) -> GenerationStream:
+        """Submit a step of this request.
 
-        :raise QueueTimeout: no admission slot came free within QUEUE_TIMEOUT.
+        :raise ShuttingDown:
         """
-        deadline = time.monotonic() + self._queue_timeout
-        while True:
-            if not self._server_full():
-                try:
-                    stream = self._llm.start(self._model, prompt, sampling, self._n_ctx,
-                                             wait=False, counted=False)
-                except TooBusy:
-                    pass                  # another request took the slot since the check
-                else:
-                    self._open.add(stream)
-                    return stream
-            if own_steps_running:
-                return None
-            if time.monotonic() >= deadline:
-                raise QueueTimeout("no admission slot became free within QUEUE_TIMEOUT for "
-                                   "the next step of this request")
-            time.sleep(_RETRY_SECONDS)
-
-    def _server_full(self) -> bool:
-        """Whether a submit would be refused; checked first so that a step which only has to
-        wait for the request's own steps is not counted as a rejected request."""
-        snapshot = self._llm.concurrency.snapshot()
-        return snapshot.in_flight >= snapshot.max_concurrent_requests
+        stream = self._llm.start(self._model, prompt, sampling, self._n_ctx, within=self.job)
+        self._open.add(stream)
+        return stream
 
     def drain(self, stream: GenerationStream) -> Iterator[str | Token]:
         """Yield the step's tokens (and heartbeats while they are slow to come); return Finished.
@@ -116,11 +90,7 @@ class StepRunner:
         running: deque[GenerationStream] = deque([first] if first else [])
         while pending or running:
             while pending and len(running) < self.window:
-                stream = self.start(pending[0], sampling, own_steps_running=bool(running))
-                if stream is None:
-                    break
-                pending.popleft()
-                running.append(stream)
+                running.append(self.start(pending.popleft(), sampling))
             finished = yield from self._quiet(running[0])
             running.popleft()
             yield finished
@@ -137,7 +107,7 @@ class StepRunner:
                 yield event
 
     def close(self) -> None:
-        """Cancel every step still queued or running; their instances return to the pool."""
+        """Cancel every step still queued or running; their slots come back."""
         for stream in list(self._open):
             stream.close()
         self._open.clear()

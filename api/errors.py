@@ -24,6 +24,8 @@ STATUS_BY_ERROR: dict[type[e.BackendError], int] = {
     e.ChatTemplateError: 422,
     e.TooBusy: 429,
     e.ModelLoadError: 500,
+    e.DecodeFailed: 500,
+    e.ClientGone: 499,      # nginx's "client closed request": never read by anyone
     e.QueueTimeout: 503,
     e.ShuttingDown: 503,
     e.ModelOnTrial: 503,

@@ -56,7 +56,7 @@ def stats():
 @bp.get("/stats/concurrency")
 @document(reply={"limits": {"MAX_CONCURRENT_REQUESTS": 10, "MAX_WORKERS": 4, "MODEL_POOL_SIZE": 3,
                             "QUEUE_TIMEOUT": 30.0, "REQUEST_TIMEOUT": 300.0},
-                 "in_flight": 5, "active": 3, "queued": 2, "completed": 40, "failed": 0,
+                 "in_flight": 5, "active": 3, "queued": 2, "succeeded": 40, "failed": 0,
                  "rejected": 2, "timed_out": 0, "queue_timed_out": 0, "cancelled": 1,
                  "draining": False, "workers": {"max": 4, "busy": 4, "started": 4, "alive": 4},
                  "queue_wait_ms": {"p50": 0.3, "p95": 812.0, "samples": 43},

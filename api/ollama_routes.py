@@ -10,22 +10,21 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
-from typing import Iterator
-
 from flask import Blueprint, g, jsonify
 
 from api import backend
-from api.compat import Event, log_finished, relay, start_generation
+from api.compat import start_generation
 from api.docs import document
 from api.errors import register_error_handlers
-from api.http import log_fields, ndjson_response
+from api.http import log_fields
 from api.json_body import json_body
+from api.relay import Wire, log_result, relay
 from services.dialects.chat import reply_events, reply_finished
 from services.embeddings import check_inputs
-from services.types import Finished
+from services.types import Finished, Token
 from services.model_pool import VARIANT_MARK
 from services.dialects.ollama_request import (CHAT_PARAMS, EMBED_PARAMS, GENERATE_PARAMS, MODEL_PARAMS,
-                                     OllamaGeneration, ollama_name, parse_chat,
+                                     OPTION_ROWS, OllamaGeneration, ollama_name, parse_chat,
                                      parse_embed, parse_generate, parse_model)
 
 bp = Blueprint("ollama", __name__)
@@ -48,7 +47,7 @@ register_error_handlers(bp, shape=ollama_error)
 
 
 @bp.post("/generate")
-@document(params=GENERATE_PARAMS,
+@document(params=(*GENERATE_PARAMS, *OPTION_ROWS),
           example={"model": _NAME, "prompt": "Why is the sky blue?", "stream": False,
                    "options": {"num_predict": 16, "temperature": 0}},
           reply={"model": _NAME, "created_at": "2026-11-24T10:00:00.000000Z",
@@ -66,7 +65,7 @@ def generate():
 
 
 @bp.post("/chat")
-@document(params=CHAT_PARAMS,
+@document(params=(*CHAT_PARAMS, *OPTION_ROWS),
           example={"model": _NAME, "messages": [{"role": "user", "content": "Say hello."}],
                    "stream": False, "options": {"num_predict": 16}},
           reply={"model": _NAME, "created_at": "2026-11-24T10:00:00.000000Z",
@@ -172,23 +171,24 @@ def _reply(request: OllamaGeneration, field: str):
     head = {"model": ollama_name(stream.started.model)}
     started = g.started
     if request.stream:
-        events = reply_events(stream) if request.chat else stream
-        return ndjson_response(relay(stream, events, _lines(head, field, started), ollama_error))
+        return relay(reply_events(stream) if request.chat else stream, stream.close,
+                     Wire(_line(head, field, started), ollama_error, ndjson=True))
     finished = stream.collect()
-    finished = log_finished(reply_finished(finished) if request.chat else finished)
+    finished = log_result(reply_finished(finished) if request.chat else finished)
     return jsonify(**head, created_at=_now(), **_piece(field, finished.text), done=True,
                    **_done(finished, started))
 
 
-def _lines(head: dict, field: str, started: float):
-    def shape(event: Event) -> Iterator[dict]:
-        if isinstance(event, Finished):
-            yield {**head, "created_at": _now(), **_piece(field, ""), "done": True,
-                   **_done(event, started)}
-        else:
-            yield {**head, "created_at": _now(), **_piece(field, event.text), "done": False}
+def _line(head: dict, field: str, started: float):
+    """One NDJSON line per token ("done": false), then the closing line with counts."""
 
-    return shape
+    def line(event: Token | Finished) -> list[dict]:
+        if isinstance(event, Token):
+            return [{**head, "created_at": _now(), **_piece(field, event.text), "done": False}]
+        return [{**head, "created_at": _now(), **_piece(field, ""), "done": True,
+                 **_done(event, started)}]
+
+    return line
 
 
 def _piece(field: str, text: str) -> dict:

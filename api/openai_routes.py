@@ -11,20 +11,19 @@ from __future__ import annotations
 import base64
 import time
 from datetime import datetime
-from typing import Iterator
-
 import numpy as np
 from flask import Blueprint, g, jsonify
 
 from api import backend
-from api.compat import Event, log_finished, relay, start_generation
+from api.compat import start_generation
 from api.docs import document
 from api.errors import register_error_handlers
-from api.http import SSEData, log_fields, sse_response
+from api.http import log_fields
 from api.json_body import json_body
+from api.relay import SSEData, Wire, log_result, relay
 from services.dialects.chat import reply_events, reply_finished
 from services.embeddings import check_inputs
-from services.types import Finished
+from services.types import Finished, Token
 from services.dialects.openai_request import (CHAT_PARAMS, COMPLETION_PARAMS, EMBEDDING_PARAMS,
                                      OpenAIGeneration, parse_chat, parse_completion,
                                      parse_embedding)
@@ -127,11 +126,9 @@ def _reply(request: OpenAIGeneration, id_prefix: str, kind: str, chat: bool):
     head = {"id": f"{id_prefix}-{g.request_id}", "object": kind, "created": int(time.time()),
             "model": stream.started.model}
     if request.stream:
-        events = reply_events(stream) if chat else stream
-        chunks = _chat_chunks if chat else _text_chunks
-        return sse_response(_with_done(relay(stream, events, chunks(head, request.include_usage),
-                                             openai_error), chat, head, request.include_usage))
-    finished = log_finished(reply_finished(stream.collect()) if chat else stream.collect())
+        return relay(reply_events(stream) if chat else stream, stream.close,
+                     _wire(head, chat, request.include_usage))
+    finished = log_result(reply_finished(stream.collect()) if chat else stream.collect())
     choice = ({"message": {"role": "assistant", "content": finished.text}} if chat
               else {"text": finished.text})
     return jsonify(**head, choices=[{"index": 0, **choice, "logprobs": None,
@@ -139,31 +136,30 @@ def _reply(request: OpenAIGeneration, id_prefix: str, kind: str, chat: bool):
                    usage=finished.usage.to_dict())
 
 
-def _chat_chunks(head: dict, include_usage: bool):
-    head = {**head, "object": "chat.completion.chunk"}
+def _wire(head: dict, chat: bool, include_usage: bool) -> Wire:
+    """OpenAI's chunks: a chat stream opens with the assistant's role and sends deltas; every
+    stream that ends well ends with [DONE] (after an error event the stream just ends, and the
+    client raises that error)."""
+    if chat:
+        head = {**head, "object": "chat.completion.chunk"}
 
-    def shape(event: Event) -> Iterator[dict]:
-        if isinstance(event, Finished):
-            yield _chunk(head, {"delta": {}, "finish_reason": event.finish_reason}, include_usage)
-            if include_usage:
-                yield {**head, "choices": [], "usage": event.usage.to_dict()}
-        else:
-            yield _chunk(head, {"delta": {"content": event.text}, "finish_reason": None},
-                         include_usage)
+    def choice(text: str | None, finish_reason: str | None) -> dict:
+        if chat:
+            return {"delta": {} if text is None else {"content": text},
+                    "finish_reason": finish_reason}
+        return {"text": text or "", "finish_reason": finish_reason}
 
-    return shape
+    def shape(event: Token | Finished) -> list[dict]:
+        if isinstance(event, Token):
+            return [_chunk(head, choice(event.text, None), include_usage)]
+        last = [_chunk(head, choice(None, event.finish_reason), include_usage)]
+        if include_usage:
+            last.append({**head, "choices": [], "usage": event.usage.to_dict()})
+        return last
 
-
-def _text_chunks(head: dict, include_usage: bool):
-    def shape(event: Event) -> Iterator[dict]:
-        if isinstance(event, Finished):
-            yield _chunk(head, {"text": "", "finish_reason": event.finish_reason}, include_usage)
-            if include_usage:
-                yield {**head, "choices": [], "usage": event.usage.to_dict()}
-        else:
-            yield _chunk(head, {"text": event.text, "finish_reason": None}, include_usage)
-
-    return shape
+    role = {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+    return Wire(shape, openai_error, opening=(_chunk(head, role, include_usage),) if chat else (),
+                closing=(SSEData("[DONE]"),))
 
 
 def _chunk(head: dict, choice: dict, include_usage: bool) -> dict:
@@ -171,24 +167,6 @@ def _chunk(head: dict, choice: dict, include_usage: bool) -> dict:
     if include_usage:
         chunk["usage"] = None      # OpenAI: every chunk but the last carries "usage": null
     return chunk
-
-
-def _with_done(chunks: Iterator, chat: bool, head: dict, include_usage: bool) -> Iterator:
-    """A chat stream opens with the assistant's role; every stream that ends well ends [DONE]
-    (after an error event the stream just ends, and the client raises that error)."""
-    try:
-        if chat:
-            yield _chunk({**head, "object": "chat.completion.chunk"},
-                         {"delta": {"role": "assistant", "content": ""}, "finish_reason": None},
-                         include_usage)
-        failed = False
-        for chunk in chunks:
-            failed = failed or "error" in chunk
-            yield chunk
-        if not failed:
-            yield SSEData("[DONE]")
-    finally:
-        chunks.close()
 
 
 def _model(info: dict) -> dict:

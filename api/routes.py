@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import logging
-from typing import Iterator
-
 from flask import Blueprint, g, jsonify
 
 from api import backend
+from api.client import client_gone_check
 from api.docs import document
-from api.http import guarded_stream, log_fields, sse_response
+from api.http import log_fields
 from api.json_body import json_body
-from services.dialects.generate_request import GENERATE_PARAMS
+from api.relay import Wire, log_result, log_started, relay
+from services.dialects.generate_request import GENERATE_PARAMS, GenerateRequest
 from services.observability.health import health_report
-from services.llm_service import GenerationStream
-from services.types import Finished
+from services.types import Finished, Token
 
 bp = Blueprint("gguf", __name__)
 
@@ -39,22 +37,17 @@ def generate():
     have their own status; an error after it arrives as a final {"error"} event.
     """
     service, log_text = backend().llm, backend().config.LOG_PROMPTS
-    request = service.parse_request(json_body())
+    request = GenerateRequest.from_json(json_body(), service.n_ctx)
     log_fields(model=request.model)
     if log_text:  # prompts and outputs stay out of the logs unless the operator asks
         log_fields(system=request.system, prompt=request.prompt)
     if request.stream:
-        stream = service.stream(request)
-        log_fields(model=stream.started.model, prompt_tokens=stream.started.prompt_tokens,
-                   queue_ms=round(stream.started.queue_ms, 1))
-        return sse_response(_sse_events(stream, g.request_id, g.log_fields,
-                                        backend().loggers.errors, log_text))
-    result = service.generate(request)
-    log_fields(model=result.model, prompt_tokens=result.usage.prompt_tokens,
-               completion_tokens=result.usage.completion_tokens,
-               queue_ms=round(result.timings.queue_ms, 1))
-    if log_text:
-        log_fields(text=result.text)
+        stream = service.stream(request, client_gone_check())
+        log_started(stream.started)
+        return relay(stream, stream.close, Wire(_sse_event(g.request_id), log_text=log_text))
+    result = service.generate(request, client_gone_check())
+    log_fields(model=result.model, queue_ms=round(result.timings.queue_ms, 1))
+    log_result(result, text=log_text)
     return jsonify(request_id=g.request_id, **finished_fields(result))
 
 
@@ -63,23 +56,17 @@ def finished_fields(result: Finished) -> dict:
             "usage": result.usage.to_dict(), "timings": result.timings.to_dict()}
 
 
-def _sse_events(stream: GenerationStream, request_id: str, fields: dict,
-                errors_log: logging.Logger, log_text: bool = False) -> Iterator[dict]:
-    """Token events, then `done`; an error mid-stream becomes a last `error` event."""
+def _sse_event(request_id: str):
+    """A {"token"} event per token, then {"done": true} with usage and timings (not the text)."""
 
-    def events() -> Iterator[dict]:
-        for event in stream:
-            if isinstance(event, Finished):
-                fields["completion_tokens"] = event.usage.completion_tokens
-                if log_text:
-                    fields["text"] = event.text
-                done = finished_fields(event)
-                del done["text"]
-                yield {"done": True, "request_id": request_id, **done}
-            else:
-                yield {"token": event.text}
+    def shape(event: Token | Finished) -> list[dict]:
+        if isinstance(event, Token):
+            return [{"token": event.text}]
+        done = finished_fields(event)
+        del done["text"]
+        return [{"done": True, "request_id": request_id, **done}]
 
-    return guarded_stream(events(), stream.close, fields, request_id, errors_log)
+    return shape
 
 
 @bp.get("/health")

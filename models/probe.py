@@ -29,7 +29,7 @@ class TrialNotRun(ModelLoadError):
     """The trial itself could not start (the server's own fault): nothing is known of the file."""
 
 # Bump when the trial covers more: records from an older trial are tried again.
-TRIAL_VERSION = 3
+TRIAL_VERSION = 4
 STEP = "step: "
 HARNESS_FAILED = 3     # the child's exit status when it could not even start the trial
 # Real chat templates (tool-calling ones are ~20 KB) compile in milliseconds and a few MiB.
@@ -85,21 +85,52 @@ def _detokenize_every_token(llm) -> None:
             llm.detokenize([token], special=True)
 
 
-def _generate(llm) -> None:
-    """A prompt evaluated and a few tokens sampled and detokenized, by serving's own loop."""
-    from services.types import SamplingParams
-    from services.engine.generation import (TokenLoopResult, build_grammar,
-                                     stream_tokens, tokenize)
-    from services.dialects.json_mode import any_json_object
+class _TrialJob:
+    """The job a trial sequence runs for: never cancelled, no deadlines (the trial has its own)."""
 
-    for label, grammar in (("plain", None), ("JSON grammar", any_json_object())):
-        step(f"evaluating a prompt and sampling ({label})")
-        params = SamplingParams(max_tokens=4, seed=1, grammar=grammar)
-        tokens = tokenize(llm, SAMPLE_TEXT)[: max(1, llm.n_ctx() - 8)]
-        for _ in stream_tokens(llm, tokens, params, lambda: None, TokenLoopResult(),
-                               build_grammar(llm, params.grammar)):
-            pass
-        llm.reset()
+    def reserve(self) -> None: ...
+    def start(self) -> None: ...
+    def check_waiting(self) -> None: ...
+    def check(self) -> None: ...
+
+
+class _TrialListener:
+    def __init__(self):
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+    def admitted(self, sequence) -> None: ...
+    def text(self, sequence, piece: str) -> None: ...
+
+    def ended(self, sequence, error: BaseException | None) -> None:
+        self.error = error
+        self.done.set()
+
+
+def _generate(llm, n_ctx: int, n_batch: int) -> None:
+    """Prompts evaluated and a few tokens sampled and detokenized by serving's batched engine:
+    a plain and a JSON-grammar sequence decoded together in one context."""
+    from services.dialects.json_mode import any_json_object
+    from services.engine.batch_engine import BatchEngine, EngineSettings
+    from services.engine.sequence import Sequence
+    from services.types import SamplingParams
+
+    step("evaluating prompts and sampling in the batched engine (plain and JSON grammar)")
+    engine = BatchEngine(llm, EngineSettings(slots=2, kv_cells=n_ctx, n_ctx=n_ctx // 2,
+                                             n_batch=n_batch, n_threads=1), "trial")
+    tokens = llm.tokenize(SAMPLE_TEXT.encode("utf-8"), add_bos=True, special=True)
+    tokens = tokens[: max(1, n_ctx // 2 - 8)]
+    listeners = []
+    for grammar in (None, any_json_object()):
+        listener = _TrialListener()
+        engine.submit(Sequence(tokens, SamplingParams(max_tokens=4, seed=None, grammar=grammar),
+                               n_ctx // 2, _TrialJob(), listener))
+        listeners.append(listener)
+    for listener in listeners:
+        listener.done.wait()
+        if listener.error is not None:
+            raise listener.error
+    engine.close()
 
 
 def _chat(llm) -> None:
@@ -151,7 +182,7 @@ def _compile_templates(path: str) -> None:
 def main(path: str, n_ctx: int, n_batch: int) -> int:
     try:     # the serving code the trial drives: a failure here is the server's, not the file's
         import services.dialects.chat  # noqa: F401
-        import services.engine.generation  # noqa: F401
+        import services.engine.batch_engine  # noqa: F401
         import services.dialects.json_mode  # noqa: F401
         from services.embeddings import embedding_loader
         from services.model_pool import InstanceSettings, close_instance, llamacpp_loader
@@ -165,7 +196,7 @@ def main(path: str, n_ctx: int, n_batch: int) -> int:
     llm = instance.client
     _tokenize_everything(llm)
     _detokenize_every_token(llm)
-    _generate(llm)
+    _generate(llm, n_ctx, n_batch)
     _chat(llm)
     close_instance(instance)
     step("loading the model with embeddings on and embedding a text")

@@ -1,43 +1,78 @@
-"""Bounded admission and a fixed worker pool for generations.
+"""The one job runner: bounded admission, a fixed worker pool, and every ending owned here.
 
-At most MAX_CONCURRENT_REQUESTS jobs are admitted (running + waiting); the next is refused at
-once with TooBusy, like Ollama's ErrMaxQueue, so a burst costs the server nothing. Admitted jobs
-run on a ThreadPoolExecutor of MAX_WORKERS threads; llama.cpp releases the GIL while it computes,
-so threads give real parallelism.
+At most MAX_CONCURRENT_REQUESTS jobs are admitted (queued + running); the next is refused at
+once with TooBusy, like Ollama's ErrMaxQueue, so a burst costs the server nothing. An admitted
+job's work runs on a ThreadPoolExecutor of MAX_WORKERS threads. Work that hands the job on (a
+generation goes to its model's batched engine) returns its worker at once; the engine ends the
+job when the sequence ends.
+
+Whatever ends a job (done, error, queue or generation timeout, client gone, shutdown), it ends
+through `Job.end` exactly once: the admission place comes back and the outcome is counted, from
+the one vocabulary in `services.types`, here and in the per-model statistics.
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from services.errors import GenerationTimeout, QueueTimeout, ShuttingDown, TooBusy
+from services.errors import (ClientGone, GenerationTimeout, JobCancelled, QueueTimeout,
+                             ShuttingDown, TooBusy)
 from services.observability.window import SlidingWindow
+from services.types import (CANCELLED, FAILED, OUTCOMES, QUEUE_TIMED_OUT, REJECTED, SUCCEEDED,
+                            TIMED_OUT)
+
+# Called once per counted ending: (label, outcome), e.g. the model's name and "succeeded".
+OutcomeSink = Callable[[str, str], None]
+# How long a caller waits past a deadline the work enforces itself before giving up on it.
+_GRACE_SECONDS = 1.0
+# How often a caller waiting for events looks whether its client is still there.
+_POLL_SECONDS = 0.25
+
+
+def outcome_of(error: BaseException) -> str:
+    """The outcome of work that ended with `error` (matched by type)."""
+    if isinstance(error, TooBusy):
+        return REJECTED
+    if isinstance(error, QueueTimeout):
+        return QUEUE_TIMED_OUT
+    if isinstance(error, GenerationTimeout):
+        return TIMED_OUT
+    if isinstance(error, (JobCancelled, GeneratorExit, ClientGone)):
+        return CANCELLED
+    return FAILED
 
 
 class Job:
-    """One admitted unit of work: its deadlines and the flags that stop it.
+    """One admitted unit of work: its deadlines, the flag that stops it, and its one ending.
 
-    The work calls `reserve()` the moment a model instance is set aside for it, which ends its
-    time in the queue (loading a model is work, not queueing). A caller that stopped waiting
-    calls `abandon()`. Both take one lock, so exactly one of them wins.
+    A job is queued until `reserve()` (its sequence got a slot, or its embedding an instance);
+    time spent loading a model is work, not queueing, so it pushes the queue deadline back.
+    The work reports to its caller through `events` (results, or an exception to raise there).
     """
 
-    def __init__(self, queue_timeout: float, request_timeout: float,
-                 on_reserve: Callable[["Job"], None] = lambda job: None):
+    def __init__(self, manager: "ConcurrencyManager", label: str, counted: bool):
+        self.label = label
+        self.counted = counted
         self.admitted_at = time.monotonic()
-        self.queue_deadline = self.admitted_at + queue_timeout
-        self.request_timeout = request_timeout
+        self.queue_deadline = self.admitted_at + manager.queue_timeout
+        self.request_timeout = manager.request_timeout
         self.reserved_at: float | None = None
+        self.working_since: float | None = None     # a worker began preparing it
         self.started_at: float | None = None
         self.cancelled = threading.Event()
+        self.outcome: str | None = None
+        self.events: queue.Queue = queue.Queue()
+        self._next_client_check = 0.0
+        self._manager = manager
         self._lock = threading.Lock()
-        self._on_reserve = on_reserve
-        self.future: Future | None = None
+        self._on_worker = False
+        self._handed_off = False
 
     @property
     def queue_seconds(self) -> float:
@@ -50,47 +85,99 @@ class Job:
             return self.queue_deadline
         return (self.started_at or self.reserved_at) + self.request_timeout
 
+    def loaded(self, seconds: float) -> None:
+        """The work spent `seconds` loading a model: not queue time."""
+        self.queue_deadline += seconds
+
     def reserve(self) -> None:
-        """End the queue wait; raise QueueTimeout if the caller already gave up."""
+        """End the queue wait; raise QueueTimeout (or JobCancelled) if the job already ended."""
         with self._lock:
-            if self.cancelled.is_set():
-                raise QueueTimeout("no worker or model instance became free in time")
-            first = self.reserved_at is None
-            self.reserved_at = time.monotonic()
-            if first:  # counted once, however many instances the work checks out
-                self._on_reserve(self)
+            if self.outcome is not None or self.cancelled.is_set():
+                raise QueueTimeout("the request stopped waiting before a slot became free")
+            if self.reserved_at is None:
+                self.reserved_at = time.monotonic()
+                self._manager._reserved(self)      # lock order: a job's, then the manager's
 
     def start(self) -> None:
         """Mark the generation proper as begun (after loading and tokenizing)."""
         self.started_at = time.monotonic()
 
+    def hand_off(self) -> None:
+        """The work returns its worker but the job goes on elsewhere (the batched engine),
+        which calls `end` when it is over."""
+        self._handed_off = True
+
+    def check_waiting(self) -> None:
+        """Raise if a queued job must stop waiting: it ended, or its queue deadline passed."""
+        if self.outcome is not None or self.cancelled.is_set():
+            raise JobCancelled()
+        if time.monotonic() > self.queue_deadline:
+            raise QueueTimeout("no slot became free within QUEUE_TIMEOUT")
+
+    def check(self) -> None:
+        """Raise when running work should stop: GenerationTimeout once REQUEST_TIMEOUT has
+        passed since the work began (preparing a prompt is work too), or JobCancelled when the
+        job was cancelled or ended."""
+        begun = self.started_at or self.working_since
+        if begun is not None and time.monotonic() > begun + self.request_timeout:
+            raise GenerationTimeout(
+                f"generation exceeded REQUEST_TIMEOUT ({self.request_timeout:g} s)")
+        if self.cancelled.is_set() or self.outcome is not None:
+            raise JobCancelled()
+
+    def cancel(self) -> None:
+        """Stop the job (client gone, caller gave up, shutdown). A job not yet running ends now;
+        running work ends itself at its next check, within one decode step."""
+        self.cancelled.set()
+        with self._lock:
+            running = self._on_worker or self.reserved_at is not None
+        if not running:
+            self.end(CANCELLED)
+
     def abandon(self) -> bool:
-        """Stop a job still waiting in the queue; False when it already holds an instance."""
+        """The caller's queue wait ran out: end a job that is still queued (QueueTimeout);
+        False when it already holds a slot."""
         with self._lock:
             if self.reserved_at is not None:
                 return False
-            self.cancelled.set()
-            return True
-
-    def cancel(self) -> None:
-        """Ask running work to stop at its next check (timeout, client gone, shutdown)."""
         self.cancelled.set()
+        self.end(QUEUE_TIMED_OUT)
+        return True
 
-    def check(self) -> None:
-        """Raise when the work should stop: GenerationTimeout past the deadline or cancelled."""
-        if self.started_at is not None and time.monotonic() > self.deadline:
+    def next_event(self, client_gone: Callable[[], bool] = lambda: False) -> Any:
+        """The work's next event, for its caller; raises the error the work put, a timeout if
+        the work is late past its deadline, or GeneratorExit once `client_gone()` (polled while
+        waiting: a caller not yet streaming learns that way that its client left)."""
+        while True:
+            now = time.monotonic()
+            if now >= self._next_client_check:
+                self._next_client_check = now + _POLL_SECONDS
+                if client_gone():
+                    self.cancel()
+                    raise ClientGone("the client closed its connection")
+            wait = self.deadline - now + _GRACE_SECONDS
+            try:
+                event = self.events.get(timeout=max(0.0, min(wait, _POLL_SECONDS)))
+            except queue.Empty:
+                if time.monotonic() < self.deadline + _GRACE_SECONDS:
+                    continue
+                if self.abandon():
+                    raise QueueTimeout("no slot became free within QUEUE_TIMEOUT")
+                self.end(TIMED_OUT)
+                raise GenerationTimeout("generation exceeded REQUEST_TIMEOUT")
+            if isinstance(event, BaseException):
+                raise event
+            return event
+
+    def end(self, outcome: str) -> bool:
+        """End the job with `outcome`; the first call wins and returns True."""
+        with self._lock:
+            if self.outcome is not None:
+                return False
+            self.outcome = outcome
             self.cancelled.set()
-            raise GenerationTimeout(f"generation exceeded REQUEST_TIMEOUT ({self.request_timeout:g} s)")
-        if self.cancelled.is_set():
-            raise JobCancelled()
-
-
-class JobCancelled(Exception):
-    """The job was cancelled by its caller (client gone or caller timed out)."""
-
-
-_OUTCOMES = {GenerationTimeout: "timed_out", QueueTimeout: "queue_timed_out",
-             JobCancelled: "cancelled"}
+            self._manager._ended(self)
+        return True
 
 
 @dataclass(frozen=True)
@@ -100,33 +187,29 @@ class ConcurrencySnapshot:
     queue_timeout: float
     request_timeout: float
     in_flight: int
-    active: int  # holding a model instance (loading it or generating)
-    queued: int  # admitted, waiting for a worker or a model instance
+    active: int  # holding a slot (decoding) or an embedding instance
+    queued: int  # admitted, waiting for a worker, a model load or a slot
     workers_busy: int
     workers_started: int  # threads start on demand, up to MAX_WORKERS
     workers_alive: int
-    completed: int
-    failed: int
-    rejected: int
-    timed_out: int
-    queue_timed_out: int
-    cancelled: int
+    outcomes: dict
     draining: bool
 
 
 class ConcurrencyManager:
-    """Admits, queues and runs jobs; counts what happened to them.
+    """Admits, queues and runs jobs; ends each once and counts how.
 
-    Lock order: the pool's lock, then a job's, then this manager's (`Job.reserve` runs with
-    the pool lock held and reports here); nothing here waits for a generation.
+    Lock order: a job's lock is never held while this manager's is taken, and nothing here
+    waits for a generation.
     """
 
     def __init__(self, max_concurrent: int, max_workers: int, queue_timeout: float,
-                 request_timeout: float):
+                 request_timeout: float, on_outcome: OutcomeSink = lambda label, outcome: None):
         self.max_concurrent = max_concurrent
         self.max_workers = max_workers
         self.queue_timeout = queue_timeout
         self.request_timeout = request_timeout
+        self._on_outcome = on_outcome
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate",
                                             initializer=self._register_worker)
         self._lock = threading.Lock()
@@ -136,62 +219,103 @@ class ConcurrencyManager:
         self._active = 0
         self._workers: list[threading.Thread] = []
         self.queue_wait = SlidingWindow()
-        self._counts = dict(completed=0, failed=0, rejected=0, timed_out=0, queue_timed_out=0,
-                            cancelled=0)
+        self._counts = dict.fromkeys(OUTCOMES, 0)
         self._recent_seconds: deque[float] = deque(maxlen=50)
         self._draining = False
         self._jobs: set[Job] = set()
 
-    def submit(self, work: Callable[[Job], Any]) -> Job:
-        """Admit `work(job)` and queue it on a worker.
+    def submit(self, work: Callable[[Job], Any], label: str = "", *,
+               within: Job | None = None) -> Job:
+        """Admit `work(job)` and queue it on a worker. `within` names the admitted job this is a
+        step of (a DeepSeek map step): it takes no admission place and is not counted; its
+        request's outcome is.
 
         :raise TooBusy: MAX_CONCURRENT_REQUESTS jobs are already in flight (HTTP 429).
         :raise ShuttingDown: the server is draining after SIGTERM (HTTP 503).
         """
-        with self._lock:
-            if self._draining:
-                raise ShuttingDown("the server is shutting down")
-            if self._in_flight >= self.max_concurrent:
-                self._counts["rejected"] += 1
-                raise TooBusy(f"{self._in_flight} requests in flight (MAX_CONCURRENT_REQUESTS="
-                              f"{self.max_concurrent}); retry shortly", retry_after=self._retry_after())
-            self._in_flight += 1
-            job = Job(self.queue_timeout, self.request_timeout, self._reserved)
-            self._jobs.add(job)
-        job.future = self._executor.submit(self._run, job, work)
+        job = self._new_job(label, counted=within is None)
+        self._executor.submit(self._run, job, work)
         return job
+
+    def admit(self, label: str) -> Job:
+        """Admit a job whose caller drives it (a DeepSeek request, whose steps run `within`
+        it); the caller ends it.
+
+        :raise TooBusy, ShuttingDown:
+        """
+        job = self._new_job(label, counted=True)
+        job._on_worker = True               # it runs on its caller's thread
+        return job
+
+    def _new_job(self, label: str, counted: bool) -> Job:
+        with self._lock:
+            refusal = self._refusal() if counted else None
+            if refusal is None:
+                job = Job(self, label, counted)
+                self._in_flight += counted
+                self._jobs.add(job)
+        if refusal is not None:
+            self._count(label, outcome_of(refusal), True)
+            raise refusal
+        return job
+
+    def _refusal(self) -> Exception | None:
+        """Why a new request cannot be admitted now (lock held), or None."""
+        if self._draining:
+            return ShuttingDown("the server is shutting down")
+        if self._in_flight >= self.max_concurrent:
+            return TooBusy(f"{self._in_flight} requests in flight (MAX_CONCURRENT_REQUESTS="
+                           f"{self.max_concurrent}); retry shortly",
+                           retry_after=self._retry_after())
+        return None
 
     def _register_worker(self) -> None:
         with self._lock:
             self._workers.append(threading.current_thread())
 
     def _reserved(self, job: Job) -> None:
-        """A job got its model instance: its queue wait is over and it counts as active."""
+        """A job got its slot: its queue wait is over and it counts as active."""
+        if not job.counted:
+            return
         self.queue_wait.add(job.queue_seconds)
         with self._lock:
             self._active += 1
 
-    def _run(self, job: Job, work: Callable[[Job], Any]) -> Any:
+    def _run(self, job: Job, work: Callable[[Job], Any]) -> None:
+        with job._lock:
+            if job.outcome is not None:
+                return                      # it ended while queued for a worker
+            job._on_worker = True
+            job.working_since = time.monotonic()
         with self._lock:
             self._busy += 1
-        outcome = "failed"
         try:
-            result = work(job)
-            outcome = "completed"
-            return result
-        except (GenerationTimeout, QueueTimeout, JobCancelled) as exc:
-            outcome = _OUTCOMES[type(exc)]
-            raise
+            work(job)
+            if not job._handed_off:
+                job.end(SUCCEEDED)
+        except BaseException as exc:
+            job.end(outcome_of(exc))
         finally:
-            with self._idle:
+            with self._lock:
                 self._busy -= 1
+
+    def _ended(self, job: Job) -> None:
+        with self._idle:
+            self._jobs.discard(job)
+            if job.counted:
                 self._active -= job.reserved_at is not None
                 self._in_flight -= 1
-                self._jobs.discard(job)
-                self._counts[outcome] += 1
-                if job.started_at is not None:
-                    self._recent_seconds.append(time.monotonic() - job.started_at)
-                self._idle.notify_all()
+            if job.started_at is not None:
+                self._recent_seconds.append(time.monotonic() - job.started_at)
+            self._idle.notify_all()
+        self._count(job.label, job.outcome, job.counted)
+
+    def _count(self, label: str, outcome: str, counted: bool) -> None:
+        if not counted:
+            return
+        with self._lock:
+            self._counts[outcome] += 1
+        self._on_outcome(label, outcome)
 
     def _retry_after(self) -> int:
         """Seconds a refused client should wait: the recent mean job time, at least 1."""
@@ -208,7 +332,7 @@ class ConcurrencyManager:
                 queued=self._in_flight - self._active, workers_busy=self._busy,
                 workers_started=len(self._workers),
                 workers_alive=sum(worker.is_alive() for worker in self._workers),
-                draining=self._draining, **self._counts)
+                outcomes=dict(self._counts), draining=self._draining)
 
     def begin_drain(self) -> None:
         """Stop admitting (new jobs get ShuttingDown, readiness turns 503); running ones go on."""
@@ -222,7 +346,7 @@ class ConcurrencyManager:
             return self._idle.wait_for(lambda: not self._in_flight, timeout)
 
     def cancel_running(self) -> int:
-        """Ask every admitted job to stop at its next check (the drain ran out); how many."""
+        """Ask every admitted job to stop (the drain ran out); how many."""
         with self._lock:
             self._draining = True
             jobs = list(self._jobs)

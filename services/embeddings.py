@@ -3,13 +3,12 @@
 An embedding needs a llama.cpp context created with embeddings on, so each model gets a second
 kind of pooled instance, named `<model>#embedding`: same file, same pool size and memory checks,
 evicted with the model. Jobs go through the ConcurrencyManager like generations (429, queue and
-request timeouts, /stats), and wait for the worker on the same event queue.
+request timeouts, /stats), and their callers wait on the job's events like generations do.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -21,10 +20,9 @@ from models.model_file import ModelFile
 from models.model_manager import ModelManager
 from services.concurrency_manager import ConcurrencyManager, Job
 from services.errors import ContextOverflow, InvalidRequest
-from services.llm_service import next_event
 from services.engine.memory import estimate_load
 from services.model_pool import InstanceSettings, Loader, ModelPool, load_quietly, variant_name
-from services.observability.stats import UsageStats, outcome_of
+from services.observability.stats import UsageStats
 
 MAX_INPUTS = 2048
 
@@ -102,26 +100,17 @@ class EmbeddingService:
         :raise ModelNotFound, ContextOverflow, TooBusy, QueueTimeout, GenerationTimeout:
         """
         model = self.models.resolve(model_name)
-        events: queue.Queue = queue.Queue()
         received_at = time.monotonic()
+        job = self.concurrency.submit(
+            lambda job: self._work(job, model, inputs, truncate, received_at), model.name)
         try:
-            job = self.concurrency.submit(
-                lambda job: self._work(job, model, inputs, truncate, events, received_at))
-        except Exception as exc:
-            self.stats.record_outcome(model.name, outcome_of(exc))
-            raise
-        try:
-            next_event(job, events)              # the instance is held: it has started
-            result = next_event(job, events)
-        except BaseException as exc:
+            return job.next_event()
+        except BaseException:
             job.cancel()
-            self.stats.record_outcome(model.name, outcome_of(exc))
             raise
-        self.stats.record_outcome(model.name, "succeeded")
-        return result
 
     def _work(self, job: Job, model: ModelFile, inputs: Sequence[str], truncate: bool,
-              events: queue.Queue, received_at: float) -> None:
+              received_at: float) -> None:
         """On a worker: hold an embedding instance, embed every input, put the result."""
         tokens, ok = 0, False
         try:
@@ -134,7 +123,6 @@ class EmbeddingService:
                 tokens = sum(_input_tokens(llm, text, index, truncate)
                              for index, text in enumerate(inputs))
                 job.start()
-                events.put("started")
                 vectors = []
                 for text in inputs:
                     job.check()
@@ -142,13 +130,13 @@ class EmbeddingService:
             embed_seconds = time.monotonic() - job.started_at
             ok = True
         except BaseException as exc:
-            events.put(exc)
+            job.events.put(exc)
             raise
         finally:
             self.stats.record(model.name, ok, tokens, 0, job.queue_seconds, 0.0,
                               latency_seconds=time.monotonic() - received_at)
-        events.put(Embeddings(model.name, vectors, tokens, job.queue_seconds * 1000,
-                              load_seconds * 1000, embed_seconds * 1000))
+        job.events.put(Embeddings(model.name, vectors, tokens, job.queue_seconds * 1000,
+                                  load_seconds * 1000, embed_seconds * 1000))
 
 
 def _input_tokens(llm: Any, text: str, index: int, truncate: bool) -> int:

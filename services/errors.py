@@ -143,6 +143,24 @@ class ModelLoadError(BackendError):
     code = "model_load_failed"
 
 
+class DecodeFailed(BackendError):
+    """llama.cpp refused a batch (llama_decode returned an error): a server-side fault; the
+    sequences in that batch end with it and their slots are cleared."""
+
+    code = "decode_failed"
+
+
+class ClientGone(BackendError):
+    """The client closed its connection while its request waited: nobody reads the reply."""
+
+    code = "client_disconnected"
+
+
+class JobCancelled(Exception):
+    """The work's caller stopped waiting (client gone, caller timed out, shutdown): not an
+    error of the request, so it maps to no status; the outcome is "cancelled"."""
+
+
 class ChatTemplateError(BackendError):
     """A model's chat template failed, ran over its time or size bound, or tried what its
     sandbox forbids (and did not run): a fault of the model file, not of the server."""

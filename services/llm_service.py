@@ -1,16 +1,17 @@
-"""Text generation as the API sees it: resolve the model, build the prompt, run it on a worker.
+"""Text generation as the API sees it: resolve the model, build the prompt, run it on the
+model's batched engine, and hand the caller a stream of events.
 
 Every generation, whole or streamed, runs the same way: the concurrency manager admits it and
-runs `_work` on a worker thread, which checks out a pooled instance and puts events on a queue;
-the caller's thread reads that queue, enforcing the queue and generation timeouts. A caller that
-stops reading (client gone, timeout) cancels the job, and the worker stops at the next token.
+runs `_prepare` on a worker, which gets the model's engine (loading it on first use), turns the
+prompt into tokens, refuses what cannot run, and hands a `Sequence` to the engine. The engine's
+thread reports through `_Relay`, which puts events on the caller's queue, records the tokens,
+and ends the job once. The caller's thread reads the queue; a caller that stops reading (client
+gone, timeout) cancels the job, and the engine frees the slot at its next step.
 """
 
 from __future__ import annotations
 
 import functools
-import queue
-import threading
 import time
 from dataclasses import replace
 from typing import Any, Iterator, Sequence
@@ -19,49 +20,40 @@ from langchain_core.prompts import PromptTemplate
 
 from models.model_file import ModelFile
 from models.model_manager import ModelManager
+from services.concurrency_manager import ConcurrencyManager, Job, outcome_of
 from services.engine.chat_template import ChatTemplates
-from services.concurrency_manager import ConcurrencyManager, Job
-from services.errors import ContextOverflow, GenerationTimeout, InvalidRequest, QueueTimeout
-from services.dialects.generate_request import GenerateRequest
-from services.engine.generation import TokenLoopResult, build_grammar, stream_tokens, tokenize
-from services.types import (Finished, Prompt, Render, SamplingParams, Started, Timings,
-                           Token, Usage)
 from services.engine.memory import estimate_load
+from services.engine.sampler import check_grammar
+from services.engine.sequence import Sequence as EngineSequence
+from services.errors import ContextOverflow, InvalidRequest
 from services.model_pool import ModelPool
-from services.observability.stats import UsageStats, outcome_of
-
-# How long the caller waits past a deadline the worker enforces itself before giving up on it.
-_GRACE_SECONDS = 1.0
+from services.observability.stats import UsageStats
+from services.types import (SUCCEEDED, Finished, Prompt, Render, SamplingParams,
+                            Started, Timings, Token, Usage)
 
 _PLAIN = PromptTemplate.from_template("{prompt}")
 _WITH_SYSTEM = PromptTemplate.from_template("{system}\n\n{prompt}")
 
 
 class GenerationStream:
-    """A running generation: iterate for `Token`s then one `Finished`; closing it cancels."""
+    """A running generation: iterate for `Token`s then one `Finished`; closing it cancels.
 
-    def __init__(self, service: "LLMService", job: Job, events: queue.Queue, model: str,
-                 counted: bool = True):
-        self._service, self._job, self._events = service, job, events
+    `client_gone`, when given, is polled while waiting: a caller that is not streaming yet (a
+    whole reply, or a queued request) learns that way that its client left, and cancels."""
+
+    def __init__(self, job: Job, model: str, client_gone=lambda: False):
+        self._job = job
         self.model = model
         self.started: Started | None = None
-        # A step of a larger request (a DeepSeek map step) leaves its outcome to that request.
-        self._settled = not counted
-        self._settle_lock = threading.Lock()
+        self.client_gone = client_gone
 
     def __iter__(self) -> Iterator[Token | Finished]:
         try:
             while True:
-                try:
-                    event = next_event(self._job, self._events)
-                except BaseException as exc:
-                    self._settle(outcome_of(exc))
-                    raise
+                event = self._job.next_event(self.client_gone)
                 if isinstance(event, Started):
                     self.started = event
                     continue
-                if isinstance(event, Finished):
-                    self._settle("succeeded")
                 yield event
                 if isinstance(event, Finished):
                     return
@@ -69,19 +61,17 @@ class GenerationStream:
             self.close()
 
     def close(self) -> None:
-        """Stop the generation if it still runs (the client went away); its instance returns."""
-        self._settle("cancelled")
+        """Stop the generation if it still runs (the client went away); its slot comes back."""
         self._job.cancel()
 
     def wait_started(self) -> Started:
-        """Block until the generation holds an instance, so its early errors raise here.
+        """Block until the generation holds a slot, so its early errors raise here.
 
         :raise QueueTimeout, ContextOverflow, ModelLoadError, InsufficientMemory, ShuttingDown:
         """
         try:
-            self.started = next_event(self._job, self._events)
-        except BaseException as exc:
-            self._settle(outcome_of(exc))
+            self.started = self._job.next_event(self.client_gone)
+        except BaseException:
             self._job.cancel()
             raise
         return self.started
@@ -93,17 +83,49 @@ class GenerationStream:
                 return event
         raise AssertionError("a generation stream ended without a Finished event")
 
-    def _settle(self, outcome: str) -> None:
-        """Count this request's outcome once: the first of finished, failed or closed wins."""
-        with self._settle_lock:
-            if self._settled:
-                return
-            self._settled = True
-        self._service.stats.record_outcome(self.model, outcome)
+class _Relay:
+    """Hears one sequence on the engine's thread: events to the caller's queue, tokens to the
+    statistics, and the job's one ending."""
+
+    def __init__(self, service: "LLMService", job: Job, model: str, received_at: float,
+                 load_seconds: float):
+        self._service, self._job, self._events, self._model = service, job, job.events, model
+        self._received_at, self._load_seconds = received_at, load_seconds
+
+    def admitted(self, sequence: EngineSequence) -> None:
+        self._events.put(Started(self._model, len(sequence.tokens), self._job.queue_seconds * 1000))
+
+    def text(self, sequence: EngineSequence, piece: str) -> None:
+        self._events.put(Token(piece))
+
+    def ended(self, sequence: EngineSequence, error: BaseException | None) -> None:
+        job, now = self._job, time.monotonic()
+        generation_seconds = now - job.started_at if job.started_at is not None else 0.0
+        # Counted before the reply can reach the client, so /stats never lags behind it.
+        self._service.stats.record(
+            self._model, error is None, len(sequence.tokens), sequence.completion_tokens,
+            job.queue_seconds, generation_seconds, latency_seconds=now - self._received_at,
+            ttft_seconds=sequence.first_token_at - self._received_at
+            if sequence.first_token_at else None)
+        if error is not None:
+            self._events.put(error)
+            job.end(outcome_of(error))
+            return
+        self._events.put(Finished(
+            model=self._model, text="".join(sequence.pieces),
+            finish_reason=sequence.finish_reason,
+            usage=Usage(len(sequence.tokens), sequence.completion_tokens),
+            timings=Timings(job.queue_seconds * 1000, generation_seconds * 1000,
+                            sequence.completion_tokens / generation_seconds
+                            if generation_seconds else 0.0,
+                            load_ms=self._load_seconds * 1000,
+                            prompt_ms=(sequence.first_token_at - job.started_at) * 1000
+                            if sequence.first_token_at else generation_seconds * 1000)))
+        job.end(SUCCEEDED)
 
 
 class LLMService:
-    """Generation over the model registry, the pool and the concurrency manager."""
+    """Generation over the model registry, the pool's engines and the concurrency manager."""
 
     def __init__(self, models: ModelManager, pool: ModelPool, concurrency: ConcurrencyManager,
                  stats: UsageStats, n_ctx: int, templates: ChatTemplates | None = None):
@@ -114,139 +136,83 @@ class LLMService:
         self.n_ctx = n_ctx
         self.templates = templates or ChatTemplates()
 
-    def parse_request(self, body: object) -> GenerateRequest:
-        """:raise InvalidRequest: the body does not describe a valid generation."""
-        return GenerateRequest.from_json(body, self.n_ctx)
-
-    def generate(self, request: GenerateRequest) -> Finished:
-        """Run a generation to the end.
+    def generate(self, request: Any, client_gone=lambda: False) -> Finished:
+        """Run a native generation to the end.
 
         :raise ModelNotFound, ContextOverflow, TooBusy, QueueTimeout, GenerationTimeout:
         """
-        return self.stream(request).collect()
+        return self.stream(request, client_gone).collect()
 
-    def stream(self, request: GenerateRequest) -> GenerationStream:
-        """Start a generation and wait until it holds an instance, so early errors raise here.
+    def stream(self, request: Any, client_gone=lambda: False) -> GenerationStream:
+        """Start a native generation (a parsed GenerateRequest) and wait until it holds a slot.
 
         :raise ModelNotFound, ContextOverflow, TooBusy, QueueTimeout, ShuttingDown:
         """
         return self.stream_prompt(request.model, build_prompt(request.prompt, request.system),
-                                  request.sampling)
+                                  request.sampling, client_gone)
 
-    def stream_prompt(self, model_name: str | None, prompt: Prompt,
-                      sampling: SamplingParams) -> GenerationStream:
+    def stream_prompt(self, model_name: str | None, prompt: Prompt, sampling: SamplingParams,
+                      client_gone=lambda: False) -> GenerationStream:
         """Start a generation of a prompt built by a caller (the OpenAI and Ollama APIs) on the
-        named model, or the default one, and wait until it holds an instance.
+        named model, or the default one, and wait until it holds a slot.
 
         :raise ModelNotFound, ContextOverflow, TooBusy, QueueTimeout, ShuttingDown:
         """
-        return self.start(self.models.resolve(model_name), prompt, sampling)
-
-    def start(self, model: ModelFile, prompt: Prompt, sampling: SamplingParams,
-              n_ctx: int | None = None, *, wait: bool = True,
-              counted: bool = True) -> GenerationStream:
-        """Submit one generation of `prompt` (text, token ids, or a builder) on `model`.
-
-        `n_ctx` runs it on instances with that context size rather than N_CTX. With `wait` it
-        returns once the generation holds an instance. `counted=False` marks a step of a larger
-        request, whose outcome that request records once.
-        :raise TooBusy, ShuttingDown: (and with `wait`, the errors of `wait_started`)
-        """
-        events: queue.Queue = queue.Queue()
-        received_at = time.monotonic()
-        try:
-            job = self.concurrency.submit(
-                lambda job: self._work(job, model, prompt, sampling, events, received_at, n_ctx))
-        except Exception as exc:
-            if counted:
-                self.stats.record_outcome(model.name, outcome_of(exc))
-            raise
-        stream = GenerationStream(self, job, events, model.name, counted)
-        if wait:
-            stream.wait_started()
+        stream = self.start(self.models.resolve(model_name), prompt, sampling,
+                            client_gone=client_gone)
+        stream.wait_started()
         return stream
 
-    def _work(self, job: Job, model: ModelFile, prompt: Prompt,
-              sampling: SamplingParams, events: queue.Queue, received_at: float,
-              n_ctx: int | None = None) -> None:
-        """On a worker: hold an instance, generate, put events; the instance returns first.
+    def start(self, model: ModelFile, prompt: Prompt, sampling: SamplingParams,
+              n_ctx: int | None = None, *, within: Job | None = None,
+              client_gone=lambda: False) -> GenerationStream:
+        """Submit one generation of `prompt` (text, token ids, or a builder) on `model`; the
+        stream's first event (`wait_started`) comes once it holds a slot. `n_ctx` runs it on an
+        engine whose requests may use that many tokens rather than N_CTX. `within` makes it a
+        step of that admitted job (a DeepSeek step), which records the outcome.
 
-        Time to first token and latency run from `received_at` (when the service took the
-        request), so they include the queue wait a client experiences.
+        :raise TooBusy, ShuttingDown:
         """
-        result = TokenLoopResult()
-        prompt_tokens, generation_seconds, load_seconds = 0, 0.0, 0.0
+        received_at = time.monotonic()
+        job = self.concurrency.submit(
+            lambda job: self._prepare(job, model, prompt, sampling, received_at, n_ctx),
+            model.name, within=within)
+        return GenerationStream(job, model.name, client_gone)
+
+    def _prepare(self, job: Job, model: ModelFile, prompt: Prompt, sampling: SamplingParams,
+                 received_at: float, n_ctx: int | None) -> None:
+        """On a worker: the engine, the prompt's tokens, every check that can refuse the input
+        (so a streamed reply has not begun when it does); then the engine takes over."""
         try:
-            cost = estimate_load(model.size_bytes, model.kv_bytes_per_token, n_ctx or self.n_ctx)
-            with self.pool.checkout(model.name, model.path, job.queue_deadline, job.reserve,
-                                    cost, n_ctx) as instance:
-                load_seconds = time.monotonic() - (job.reserved_at or time.monotonic())
-                llm = instance.client
-                # Everything that can refuse the input happens before Started, so that a
-                # streamed reply has not begun when it does (it gets its own 4xx status).
-                tokens, sampling = prepare_prompt(
-                    llm, prompt, sampling, functools.partial(self.templates.render,
-                                                             check=job.check))
-                prompt_tokens = len(tokens)
-                check_fits(prompt_tokens, sampling.max_tokens, llm.n_ctx())
-                grammar = build_grammar(llm, sampling.grammar)
-                job.start()
-                events.put(Started(model.name, prompt_tokens, job.queue_seconds * 1000))
-                for piece in stream_tokens(llm, tokens, sampling, job.check, result, grammar):
-                    events.put(Token(piece))
-                generation_seconds = time.monotonic() - job.started_at
+            engine, load_seconds = self.pool.engine(
+                model.name, model.path,
+                lambda cells: estimate_load(model.size_bytes, model.kv_bytes_per_token, cells),
+                n_ctx)
+            job.loaded(load_seconds)
+            job.check_waiting()
+            tokens, sampling = prepare_prompt(
+                engine.llm, prompt, sampling, functools.partial(self.templates.render,
+                                                                check=job.check))
+            check_fits(len(tokens), sampling.max_tokens, engine.settings.n_ctx)
+            check_grammar(engine.vocab, sampling.grammar)
+            relay = _Relay(self, job, model.name, received_at, load_seconds)
+            job.hand_off()
+            engine.submit(EngineSequence(tokens, sampling, engine.settings.n_ctx, job, relay))
         except BaseException as exc:
-            self._record(model.name, False, job, result, prompt_tokens, received_at)
-            events.put(exc)
+            self.stats.record(model.name, False, 0, 0, job.queue_seconds, 0.0)
+            job.events.put(exc)
             raise
-        # Counted before the reply can reach the client, so /stats never lags behind it.
-        self._record(model.name, True, job, result, prompt_tokens, received_at)
-        events.put(Finished(
-            model=model.name, text="".join(result.pieces), finish_reason=result.finish_reason,
-            usage=Usage(prompt_tokens, result.completion_tokens),
-            timings=Timings(job.queue_seconds * 1000, generation_seconds * 1000,
-                            result.completion_tokens / generation_seconds if generation_seconds else 0.0,
-                            load_ms=load_seconds * 1000,
-                            prompt_ms=(result.first_token_at - job.started_at) * 1000
-                            if result.first_token_at else generation_seconds * 1000)))
-
-    def _record(self, model: str, ok: bool, job: Job, result: TokenLoopResult,
-                prompt_tokens: int, received_at: float) -> None:
-        """Add one generation's tokens and timings to the usage statistics."""
-        now = time.monotonic()
-        self.stats.record(
-            model, ok, prompt_tokens, result.completion_tokens, job.queue_seconds,
-            now - job.started_at if job.started_at is not None else 0.0,
-            latency_seconds=now - received_at,
-            ttft_seconds=result.first_token_at - received_at if result.first_token_at else None)
-
-
-def next_event(job: Job, events: queue.Queue) -> Any:
-    """The job's next event; raises the job's error, or a timeout if the worker is late."""
-    while True:
-        try:
-            event = events.get(timeout=max(0.0, job.deadline - time.monotonic() + _GRACE_SECONDS))
-        except queue.Empty:
-            if job.abandon():
-                raise QueueTimeout("no worker became free within QUEUE_TIMEOUT")
-            if job.reserved_at is not None and time.monotonic() < job.deadline:
-                continue
-            job.cancel()
-            raise GenerationTimeout("generation exceeded REQUEST_TIMEOUT")
-        if isinstance(event, BaseException):
-            raise event
-        return event
 
 
 def prepare_prompt(llm: Any, prompt: Prompt, sampling: SamplingParams,
                    render: Render) -> tuple[list[int], SamplingParams]:
-    """The prompt's token ids on this instance, and the sampling with any stops it adds.
+    """The prompt's token ids for this model, and the sampling with any stops it adds.
 
     :raise InvalidRequest: token ids outside this model's vocabulary, or a chat the template
         refuses. :raise ChatTemplateError: the model's chat template failed or ran over a bound.
     """
     if isinstance(prompt, str):
-        return tokenize(llm, prompt), sampling
+        return llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True), sampling
     if callable(prompt):
         built = prompt(llm, render)
         extra = tuple(stop for stop in built.stop if stop not in sampling.stop)

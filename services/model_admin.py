@@ -17,11 +17,11 @@ from services.model_pool import ModelPool, model_of
 
 class ModelAdmin:
     def __init__(self, managers: dict[str, ModelManager], pool: ModelPool, guard: MemoryGuard,
-                 n_ctx: int):
+                 kv_cells: int):
         self.managers = managers
         self.pool = pool
         self.guard = guard
-        self.n_ctx = n_ctx
+        self.kv_cells = kv_cells
 
     def manager(self, model_type: str | None) -> ModelManager:
         """:raise InvalidRequest: not a known model type."""
@@ -86,7 +86,8 @@ class ModelAdmin:
                              models)
 
     def cost(self, model: ModelFile):
-        return estimate_load(model.size_bytes, model.kv_bytes_per_token, self.n_ctx)
+        """The weights, and the KV cache of the model's batched context: every slot's cells."""
+        return estimate_load(model.size_bytes, model.kv_bytes_per_token, self.kv_cells)
 
     def _manager_holding(self, name: str, model_type: str | None) -> ModelManager:
         managers = [self.manager(model_type)] if model_type else list(self.managers.values())

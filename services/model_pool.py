@@ -1,9 +1,11 @@
-"""Per-model pools of llama.cpp instances with exclusive checkout.
+"""The loaded models: one batched engine per model for generation, and pooled instances for
+work that needs a context of its own (embeddings).
 
-One llama.cpp context is never used by two threads at once: `checkout` hands an instance to one
-caller and takes it back in `finally`, whatever happens to the generation. Instances are created
-lazily, up to MODEL_POOL_SIZE per model, and named after Ollama's scheduler: `load`, `evict`,
-`loaded_models`.
+`engine` loads a model once and shares its BatchEngine: every request for that model decodes in
+its one context, driven by the engine's thread. `checkout` lends an instance of a variant (an
+embedding context) to one caller and takes it back in `finally`, whatever happens; instances are
+created lazily, up to MODEL_POOL_SIZE per variant. Names follow Ollama's scheduler: `load`,
+`evict`, `loaded_models`.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from services.errors import BackendError, ModelLoadError, QueueTimeout, ShuttingDown
+from services.engine.batch_engine import BatchEngine, EngineSettings
 from services.engine.memory import LoadCost
+from services.errors import BackendError, ModelLoadError, QueueTimeout, ShuttingDown
 
 log = logging.getLogger(__name__)
 
-# Called as loader(path), or loader(path, n_ctx) by a checkout that asks for its own context size.
+# Called as loader(path): an object whose `.client` is the model's llama_cpp.Llama.
 Loader = Callable[..., Any]
+# The engine settings for requests of n_ctx tokens (None: N_CTX).
+EngineSettingsFor = Callable[["int | None"], EngineSettings]
 
 # Instances of one file loaded differently (with embeddings on, say) are pooled under the
 # model's name, this mark and the variant, so evicting the model evicts them too.
@@ -66,12 +71,14 @@ def load_quietly(load: Callable[[], Any]) -> Any:
 def llamacpp_loader(settings: InstanceSettings) -> Loader:
     """The real loader: a LangChain `LlamaCpp` whose `.client` is the `llama_cpp.Llama`."""
 
-    def load(path: str, n_ctx: int | None = None) -> Any:
+    def load(path: str) -> Any:
         from langchain_community.llms import LlamaCpp
 
+        # The Llama's own context only tokenizes and reads metadata: the engine decodes in a
+        # context of its own, so this one stays small.
         with _STDERR_SWAP, contextlib.redirect_stderr(io.StringIO()):
-            instance = LlamaCpp(model_path=path, n_ctx=n_ctx or settings.n_ctx,
-                                n_batch=settings.n_batch, n_threads=settings.n_threads,
+            instance = LlamaCpp(model_path=path, n_ctx=min(settings.n_ctx, 256),
+                                n_batch=min(settings.n_batch, 256), n_threads=settings.n_threads,
                                 n_gpu_layers=settings.n_gpu_layers,
                                 model_kwargs={"n_threads_batch": settings.n_threads}, verbose=True)
             logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
@@ -100,6 +107,19 @@ class LoadedModel:
     last_used: float
     load_seconds: float
     n_ctx: int | None = None      # None: the pool's default context size
+    kv_tokens: int = 0            # KV cache cells of all its contexts
+    slots: int = 0                # an engine's sequence slots (0: pooled instances)
+    slots_busy: int = 0
+
+
+@dataclass(eq=False)
+class _Engine:
+    """A model's engine while it loads (engine None) and once it serves."""
+
+    path: str
+    engine: BatchEngine | None = None
+    last_used: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
 
 
 @dataclass(eq=False)
@@ -121,11 +141,13 @@ class ModelPool:
 
     def __init__(self, size: int, loader: Loader,
                  memory_check: Callable[[str, int], None] = lambda name, needed: None,
-                 admit: Callable[[str], None] = lambda path: None):
+                 admit: Callable[[str], None] = lambda path: None,
+                 engine_settings: EngineSettingsFor | None = None):
         """`admit(path)` runs before every load and raises to refuse one: the model registry's
         check that the file passed its trial, so nothing untried is ever opened in-process."""
         self.size = size
         self._loader = loader
+        self.engine_settings = engine_settings
         self._memory_check = memory_check
         self._admit = admit
         self._lock = threading.Lock()
@@ -133,10 +155,87 @@ class ModelPool:
         # Keyed by (name, n_ctx): instances asked for with their own context size (DeepSeek's
         # large contexts) are kept apart from the default ones (n_ctx None).
         self._slots: dict[tuple[str, int | None], _Slot] = {}
+        self._engines: dict[tuple[str, int | None], _Engine] = {}
         self._closed = False
         # For /cache/status and /metrics: checkouts served by an idle instance or by a load,
         # and instances unloaded by evict() or a changed file.
         self._counts = {"hits": 0, "misses": 0, "evictions": 0}
+
+    def engine(self, name: str, path: str, cost: Callable[[int], LoadCost] | None = None,
+               n_ctx: int | None = None) -> tuple[BatchEngine, float]:
+        """The engine of `name` (loaded from `path`) for requests of `n_ctx` tokens, loading it
+        on first use (other callers wait for that load); and the seconds this call spent loading
+        or waiting for a load. `cost(kv_cells)` is checked against available memory first.
+
+        :raise InsufficientMemory, ModelLoadError, ShuttingDown:
+        """
+        key, started = (name, n_ctx), time.monotonic()
+        with self._changed:
+            while True:
+                if self._closed:
+                    raise ShuttingDown("the model pool is closed")
+                entry = self._engines.get(key)
+                if entry is not None and entry.path != path:
+                    self._retire_engine(key)
+                    entry = None
+                if entry is None:
+                    self._counts["misses"] += 1
+                    entry = self._engines[key] = _Engine(path)
+                    break
+                if entry.engine is not None:
+                    self._counts["hits"] += 1
+                    entry.last_used = time.time()
+                    return entry.engine, time.monotonic() - started
+                self._changed.wait(0.25)
+        self._load_engine(key, entry, cost)
+        return entry.engine, time.monotonic() - started
+
+    def _load_engine(self, key: tuple[str, int | None], entry: _Engine,
+                     cost: Callable[[int], LoadCost] | None) -> None:
+        """Load the model and start its engine outside the lock; on failure forget the entry."""
+        name, n_ctx = key
+        settings = self.engine_settings(n_ctx)
+        started = time.monotonic()
+        try:
+            try:
+                self._admit(entry.path)
+                if cost is not None:
+                    self._memory_check(name, cost(settings.kv_cells).first_instance)
+                instance = self._loader(entry.path)
+            except Exception as exc:
+                if isinstance(exc, BackendError):
+                    raise
+                log.exception("loading %s from %s failed", name, entry.path)
+                raise ModelLoadError(f"model {name} could not be loaded") from exc
+            try:
+                engine = BatchEngine(instance.client, settings, name,
+                                     on_exit=lambda: close_instance(instance))
+            except BaseException:
+                close_instance(instance)
+                raise
+        except BaseException:
+            with self._changed:
+                if self._engines.get(key) is entry:
+                    del self._engines[key]
+                self._changed.notify_all()
+            raise
+        with self._changed:
+            entry.engine, entry.load_seconds = engine, time.monotonic() - started
+            entry.last_used = time.time()
+            self._changed.notify_all()
+        log.info("loaded %s in %.2f s: %d slots, %d KV cells", name, entry.load_seconds,
+                 settings.slots, settings.kv_cells)
+
+    def _retire_engine(self, key: tuple[str, int | None]) -> int:
+        """Detach an engine (lock held): it takes no new sequences, finishes its running and
+        queued ones, then frees its context; 1 if it was idle, so it closes now."""
+        entry = self._engines.pop(key, None)
+        if entry is None or entry.engine is None:
+            return 0
+        self._counts["evictions"] += 1
+        idle = not entry.engine.busy
+        entry.engine.retire()
+        return int(idle)
 
     @contextmanager
     def checkout(self, name: str, path: str, deadline: float,
@@ -245,14 +344,18 @@ class ModelPool:
     def evict(self, name: str, n_ctx: int | None = None) -> int:
         """Unload `name` and its variants (only its `n_ctx` instances when given): close idle
         instances now, busy ones when released; count closed now."""
+        def matches(key: tuple[str, int | None]) -> bool:
+            return ((key[0] == name and (n_ctx is None or key[1] == n_ctx))
+                    or (n_ctx is None and key[0].startswith(name + VARIANT_MARK)))
+
         with self._changed:
-            keys = [key for key in self._slots
-                    if (key[0] == name and (n_ctx is None or key[1] == n_ctx))
-                    or (n_ctx is None and key[0].startswith(name + VARIANT_MARK))]
-            idle = [instance for key in keys for instance in self._retire(key)]
+            idle = [instance for key in [k for k in self._slots if matches(k)]
+                    for instance in self._retire(key)]
+            engines = sum(self._retire_engine(key) for key in [k for k in self._engines
+                                                                if matches(k)])
         for instance in idle:
             close_instance(instance)
-        return len(idle)
+        return len(idle) + engines
 
     def cache_counts(self) -> dict[str, int]:
         """Hits, misses and evictions since start-up."""
@@ -260,19 +363,48 @@ class ModelPool:
             return dict(self._counts)
 
     def loaded_models(self) -> list[LoadedModel]:
+        """Engines (one instance each, with their slots) and pooled variants, by name."""
         with self._lock:
-            return [LoadedModel(name=name, path=slot.path, instances=len(slot.idle) + len(slot.busy),
-                                in_use=len(slot.busy), loading=slot.loading,
-                                last_used=slot.last_used, load_seconds=slot.load_seconds,
-                                n_ctx=n_ctx)
-                    for (name, n_ctx), slot in sorted(self._slots.items(),
-                                                      key=lambda item: (item[0][0], item[0][1] or 0))]
+            engines = list(self._engines.items())
+            pooled = [LoadedModel(name=name, path=slot.path,
+                                  instances=len(slot.idle) + len(slot.busy),
+                                  in_use=len(slot.busy), loading=slot.loading,
+                                  last_used=slot.last_used, load_seconds=slot.load_seconds,
+                                  n_ctx=n_ctx, kv_tokens=(n_ctx or 0) * slot.size)
+                      for (name, n_ctx), slot in self._slots.items()]
+        return sorted([self._describe_engine(name, n_ctx, entry)
+                       for (name, n_ctx), entry in engines] + pooled,
+                      key=lambda model: (model.name, model.n_ctx or 0))
+
+    @staticmethod
+    def _describe_engine(name: str, n_ctx: int | None, entry: _Engine) -> LoadedModel:
+        if entry.engine is None:
+            return LoadedModel(name=name, path=entry.path, instances=0, in_use=0, loading=1,
+                               last_used=entry.last_used, load_seconds=0.0, n_ctx=n_ctx)
+        state = entry.engine.snapshot()
+        return LoadedModel(name=name, path=entry.path, instances=1,
+                           in_use=int(state.slots_busy > 0), loading=0,
+                           last_used=entry.last_used, load_seconds=entry.load_seconds,
+                           n_ctx=n_ctx, kv_tokens=state.kv_cells, slots=state.slots_total,
+                           slots_busy=state.slots_busy)
+
+    def engines(self) -> list[tuple[str, int | None, BatchEngine]]:
+        """The loaded engines, for /stats/concurrency and /metrics."""
+        with self._lock:
+            return [(name, n_ctx, entry.engine) for (name, n_ctx), entry in
+                    sorted(self._engines.items(), key=lambda item: (item[0][0], item[0][1] or 0))
+                    if entry.engine is not None]
 
     def close(self) -> None:
-        """Close every idle instance now and every busy one as it is released."""
+        """Stop every engine (its sequences end with ShuttingDown), close every idle instance
+        now and every busy one as it is released."""
         with self._changed:
             self._closed = True
             keys = list(self._slots)
             idle = [instance for key in keys for instance in self._retire(key)]
+            engines = [entry.engine for entry in self._engines.values() if entry.engine]
+            self._engines.clear()
+        for engine in engines:
+            engine.close()
         for instance in idle:
             close_instance(instance)

@@ -45,7 +45,9 @@ def wait_until(condition, seconds: float = 30.0) -> bool:
 
 
 def instances_in_use(server) -> int:
-    return sum(model.in_use for model in server.backend.pool.loaded_models())
+    """Engine slots decoding plus pooled (embedding) instances lent out."""
+    return sum(model.slots_busy if model.slots else model.in_use
+               for model in server.backend.pool.loaded_models())
 
 
 def tried_registry(directory: Path) -> str:

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from conftest import wait_until
+from conftest import MODEL_NAME, wait_until
 from DeepSeekLLM.services import count_chunks, split_tokens
 from templated_models import templated_dir
 from test_hostile_prompts import hostile_models  # noqa: F401  (session fixture)
@@ -32,7 +32,9 @@ def test_a_plan_over_deepseek_max_steps_is_a_400_that_says_how_many(live, stream
     assert error["steps"] > 600 and f"{error['steps']} map steps" in error["message"]
     assert "DEEPSEEK_MAX_STEPS (8)" in error["message"]
     snapshot = server.backend.concurrency.snapshot()
-    assert (snapshot.completed, snapshot.failed, snapshot.in_flight) == (0, 0, 0)  # no step ran
+    # no step ran; the request itself is counted once, as failed
+    assert (snapshot.outcomes["succeeded"], snapshot.outcomes["failed"], snapshot.in_flight) == (0, 1, 0)
+    assert server.backend.pool.engines() == []
 
 
 def test_a_plan_within_deepseek_max_steps_runs(live):
@@ -42,8 +44,10 @@ def test_a_plan_within_deepseek_max_steps_runs(live):
     assert reply.status_code == 200, reply.text
     chunks = reply.json()["chunking"]["chunks"]
     assert 2 <= chunks <= 8
-    # map steps, collapse steps (fewer than the notes they merge) and one reduce step
-    assert server.backend.concurrency.snapshot().completed <= 2 * chunks
+    # map steps, collapse steps (fewer than the notes they merge) and one reduce step ran as
+    # generations of one request, counted once
+    assert server.backend.stats.by_model()[MODEL_NAME]["generations"] <= 2 * chunks
+    assert server.backend.concurrency.snapshot().outcomes["succeeded"] == 1
 
 
 @pytest.mark.parametrize("n_ids,size,overlap", [(0, 16, 0), (16, 16, 15), (17, 16, 15),
@@ -66,7 +70,7 @@ def test_a_504_while_a_template_renders_frees_the_worker(live, hostile_models, t
     assert wait_until(lambda: server.backend.concurrency.snapshot().workers_busy == 0,
                       seconds=5)
     assert time.monotonic() - started < 30
-    assert server.backend.concurrency.snapshot().cancelled == 1
+    assert server.backend.concurrency.snapshot().outcomes["timed_out"] == 1   # as its 504 said
     ok = requests.post(f"{server.url}/v1/chat/completions", timeout=60, json={
         "model": "hostile", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]})
     assert ok.status_code == 200

@@ -32,7 +32,7 @@ def test_requests_over_the_limit_get_429_and_the_rest_200(live):
         else:
             assert reply.json()["usage"]["completion_tokens"] == 40
     snapshot = server.backend.concurrency.snapshot()
-    assert (snapshot.rejected, snapshot.completed, snapshot.in_flight) == (3, 3, 0)
+    assert (snapshot.outcomes["rejected"], snapshot.outcomes["succeeded"], snapshot.in_flight) == (3, 3, 0)
 
 
 def test_a_client_that_drops_a_stream_frees_its_instance(live):
@@ -45,7 +45,7 @@ def test_a_client_that_drops_a_stream_frees_its_instance(live):
     assert wait_until(lambda: server.backend.concurrency.snapshot().in_flight == 0)
     assert instances_in_use(server) == 0
     snapshot = server.backend.concurrency.snapshot()
-    assert snapshot.cancelled == 1 and snapshot.completed == 0
+    assert snapshot.outcomes["cancelled"] == 1 and snapshot.outcomes["succeeded"] == 0
     usage = server.backend.stats.by_model()
     assert next(iter(usage.values()))["completion_tokens"] < 800
     again = server.generate(prompt="Hello", max_tokens=4)
@@ -60,7 +60,7 @@ def test_request_timeout_gives_504_and_stops_the_generation(live):
     assert reply.status_code == 504
     assert reply.json()["error"]["code"] == "generation_timeout"
     assert wait_until(lambda: instances_in_use(server) == 0, seconds=1.0)
-    assert server.backend.concurrency.snapshot().timed_out == 1
+    assert server.backend.concurrency.snapshot().outcomes["timed_out"] == 1
     assert server.generate(prompt="Hello", max_tokens=4).status_code == 200
 
 
@@ -75,7 +75,7 @@ def test_stream_timeout_ends_with_an_error_event(live):
 
 
 def test_waiting_longer_than_queue_timeout_gets_503(live):
-    server = live(MAX_WORKERS=1, QUEUE_TIMEOUT=0.3)
+    server = live(N_PARALLEL=1, QUEUE_TIMEOUT=0.3)
     first = []
     runner = threading.Thread(target=lambda: first.append(server.generate(**LONG, max_tokens=120)))
     runner.start()
@@ -85,7 +85,7 @@ def test_waiting_longer_than_queue_timeout_gets_503(live):
     assert queued.status_code == 503
     assert queued.json()["error"]["code"] == "queue_timeout"
     assert first[0].status_code == 200
-    assert server.backend.concurrency.snapshot().queue_timed_out == 1
+    assert server.backend.concurrency.snapshot().outcomes["queue_timed_out"] == 1
 
 
 def test_health_answers_while_every_worker_is_busy(live):

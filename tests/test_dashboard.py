@@ -60,10 +60,10 @@ def test_dashboard_draws_live_charts_after_traffic(live, browser):
                             ".values[0].slice(-2).every((v) => v === 0)", timeout=30)
     charts = browser.evaluate(CHART_FIGURES)
     browser.screenshot(ARTIFACTS / "dashboard.png")
-    assert set(charts) == {"requests", "tokens", "queue", "latency", "models"}
+    assert set(charts) == {"requests", "tokens", "queue", "latency", "models", "slots"}
     for name, figures in charts.items():
         assert figures["points"] >= 12 and figures["values"] > 0, (name, figures)
-    for name in ("requests", "tokens", "latency", "models", "queue"):
+    for name in ("requests", "tokens", "latency", "models", "queue", "slots"):
         assert charts[name]["max"] > 0, (name, charts[name])
     assert browser.evaluate("window.dashboard.errors") == 0
     assert browser.evaluate("document.getElementById('fig-total').textContent") == "24"

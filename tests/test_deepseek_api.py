@@ -3,6 +3,7 @@ generation (whole and streamed), admission, timeouts, disconnects, reasoning, ba
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -162,12 +163,13 @@ def test_a_client_leaving_a_streamed_map_reduce_cancels_its_steps(live, tokenize
     reply = post(server, prompt="Which door did the parcel for house 7 go to?",
                  context=document(tokenizer, 6 * N_CTX), n_ctx=N_CTX, max_tokens=24, stream=True)
     lines = (line for line in reply.iter_lines(decode_unicode=True) if line.startswith("data: "))
-    assert '"event": "chunk"' in next(lines)
+    first = json.loads(next(lines)[len("data: "):])
+    assert first["event"] == "chunk" and first["of"] >= 6
     reply.close()
     assert wait_until(lambda: server.backend.concurrency.snapshot().in_flight == 0, seconds=15)
-    assert instances_in_use(server) == 0
+    assert wait_until(lambda: instances_in_use(server) == 0, seconds=5)
     generations = server.backend.stats.by_model()[MODEL_NAME]["generations"]
-    assert generations < 8                                     # far from all chunks + reduce
+    assert generations <= first["of"]              # map steps (run together), no reduce step
     assert server.backend.deepseek.cache.cache_status()["models"][0]["requests"] == 0
     assert server.backend.stats.by_model()[MODEL_NAME]["cancelled"] == 1
     assert post(server, prompt="Hello", max_tokens=2, n_ctx=512).status_code == 200
@@ -181,7 +183,7 @@ def test_map_steps_wait_for_a_single_admission_slot_instead_of_failing(live, tok
     assert reply.json()["chunking"]["strategy"] == "map_reduce"
     assert reply.json()["chunking"]["chunks"] >= 2
     snapshot = server.backend.concurrency.snapshot()
-    assert snapshot.rejected == 0 and snapshot.completed == reply.json()["chunking"]["chunks"] + 1
+    assert snapshot.outcomes["rejected"] == 0 and snapshot.outcomes["succeeded"] == 1  # counted once
 
 
 def test_a_full_server_refuses_the_first_step_with_429(live):
@@ -211,11 +213,13 @@ def test_reasoning_opened_by_the_template_streams_as_reasoning(live, monkeypatch
     monkeypatch.setattr(ModelTokenizer, "_chat_layout", lambda self, templates: ChatLayout(
         plain(self, templates).before, plain(self, templates).after, True))
     server = live()
+    # a seed makes the two requests give the same text (README, "Seeds and batching")
     events = sse_events(post(server, prompt="Why is the sky blue?", max_tokens=8, n_ctx=512,
-                             temperature=0, stream=True))
+                             temperature=0, seed=1, stream=True))
     assert events[-1]["done"] is True
     assert [e for e in events[:-1] if "reasoning" in e] and not [e for e in events if "token" in e]
-    body = post(server, prompt="Why is the sky blue?", max_tokens=8, n_ctx=512, temperature=0).json()
+    body = post(server, prompt="Why is the sky blue?", max_tokens=8, n_ctx=512, temperature=0,
+                seed=1).json()
     assert body["text"] == "" and body["reasoning"] == "".join(
         e["reasoning"] for e in events if "reasoning" in e)
 

@@ -69,7 +69,7 @@ def test_counters_follow_the_traffic(live):
     stats = requests.get(f"{server.url}/stats", timeout=5).json()
     usage = stats["models"][MODEL_NAME]
     assert (usage["requests"], usage["succeeded"], usage["completion_tokens"]) == (2, 2, 6)
-    assert stats["concurrency"]["completed"] == 2
+    assert stats["concurrency"]["succeeded"] == 2
     cache = requests.get(f"{server.url}/cache/status", timeout=5).json()
     assert cache["loaded_models"][0]["name"] == MODEL_NAME
     assert cache["loaded_models"][0]["in_use"] == 0

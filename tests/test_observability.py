@@ -1,7 +1,7 @@
 """/stats, /stats/concurrency, /cache/status and /metrics after known traffic, on the real model.
 
-To hold generations at a known point, a gate wraps the real llama.cpp instance and keeps its
-first token until the test opens it: tokens, counts and timings all come from the real model.
+To hold requests at a known point, a gate keeps the real model's first load until the test
+opens it: tokens, counts and timings all come from the real model.
 """
 
 from __future__ import annotations
@@ -17,28 +17,15 @@ from conftest import LONG, MODEL_NAME, sse_events, wait_until
 from services.model_pool import InstanceSettings, llamacpp_loader
 
 
-class GatedLlama:
-    """A real `llama_cpp.Llama` whose generation waits for the gate before its first token."""
-
-    def __init__(self, llm, gate: threading.Event):
-        self._llm, self._gate = llm, gate
-
-    def __getattr__(self, name):
-        return getattr(self._llm, name)
-
-    def generate(self, *args, **kwargs):
-        assert self._gate.wait(60), "the test never opened the gate"
-        yield from self._llm.generate(*args, **kwargs)
-
-
-class GatedInstance:
-    def __init__(self, instance, gate: threading.Event):
-        self.client = GatedLlama(instance.client, gate)
-
-
 def gated_loader(gate: threading.Event):
+    """The real loader, held at the gate until the test opens it."""
     real = llamacpp_loader(InstanceSettings(n_ctx=1024, n_batch=512, n_threads=1, n_gpu_layers=0))
-    return lambda path: GatedInstance(real(path), gate)
+
+    def load(path):
+        assert gate.wait(60), "the test never opened the gate"
+        return real(path)
+
+    return load
 
 
 def get(server, path: str) -> dict:
@@ -66,7 +53,7 @@ def run_known_traffic(server, gate: threading.Event) -> list[dict]:
         server.generate(prompt="Hello there", max_tokens=3, temperature=0))) for _ in range(2)]
     for thread in threads:
         thread.start()
-    assert wait_until(lambda: server.backend.concurrency.snapshot().active == 2)
+    assert wait_until(lambda: server.backend.concurrency.snapshot().in_flight == 2)
     for _ in range(3):
         refused = server.generate(prompt="one too many", max_tokens=3)
         assert refused.status_code == 429
@@ -94,7 +81,8 @@ def test_every_counter_matches_a_known_mix_of_traffic(live):
     assert wait_until(lambda: get(server, "/stats")["requests"]["total"] == 9)
 
     stats = get(server, "/stats")
-    outcomes = {"succeeded": 4, "failed": 2, "rejected": 3, "timed_out": 0, "cancelled": 0}
+    outcomes = {"succeeded": 4, "failed": 2, "rejected": 3, "timed_out": 0, "queue_timed_out": 0,
+                "cancelled": 0}
     assert stats["requests"] == {"total": 9, **outcomes}
     assert stats["endpoints"] == {"POST /api/v1/generate": {
         "total": 9, **outcomes, "statuses": {"200": 4, "400": 2, "429": 3}}}
@@ -106,28 +94,32 @@ def test_every_counter_matches_a_known_mix_of_traffic(live):
     assert stats["latency_ms"]["samples"] == 4 and stats["ttft_ms"]["samples"] == 4
     assert 0 < stats["ttft_ms"]["p50"] <= stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"]
     assert stats["tokens_per_second"]["lifetime"] > 0
-    assert stats["loaded_models"] == [{"name": MODEL_NAME, "n_ctx": None, "instances": 2,
+    assert stats["loaded_models"] == [{"name": MODEL_NAME, "n_ctx": None, "instances": 1,
                                        "in_use": 0}]
 
     concurrency = get(server, "/stats/concurrency")
     assert concurrency["limits"] == {"MAX_CONCURRENT_REQUESTS": 2, "MAX_WORKERS": 2,
-                                     "MODEL_POOL_SIZE": 2, "QUEUE_TIMEOUT": 30.0,
-                                     "REQUEST_TIMEOUT": 300.0}
-    assert {key: concurrency[key] for key in ("in_flight", "active", "queued", "completed",
+                                     "MODEL_POOL_SIZE": 2, "N_PARALLEL": 8,
+                                     "QUEUE_TIMEOUT": 30.0, "REQUEST_TIMEOUT": 300.0}
+    assert {key: concurrency[key] for key in ("in_flight", "active", "queued", "succeeded",
                                               "failed", "rejected", "timed_out",
                                               "queue_timed_out", "cancelled")} == {
-        "in_flight": 0, "active": 0, "queued": 0, "completed": 4, "failed": 0, "rejected": 3,
+        "in_flight": 0, "active": 0, "queued": 0, "succeeded": 4, "failed": 0, "rejected": 3,
         "timed_out": 0, "queue_timed_out": 0, "cancelled": 0}
     assert concurrency["workers"] == {"max": 2, "busy": 0, "started": 2, "alive": 2}
+    assert concurrency["slots"] == {"busy": 0, "total": 8}
+    [engine] = concurrency["engines"]
+    assert engine["model"] == MODEL_NAME and engine["steps"] > 0 and engine["widest_step"] >= 1
     assert concurrency["queue_wait_ms"]["samples"] == 4
 
     cache = get(server, "/cache/status")
     pool = cache["caches"][0]
     assert pool["name"] == "pool"
-    assert (pool["hits"], pool["misses"], pool["evictions"]) == (2, 2, 0)
+    # one load (the second request waited for it), then every request found the engine
+    assert (pool["hits"], pool["misses"], pool["evictions"]) == (3, 1, 0)
     assert pool["lru_order"] == [MODEL_NAME]
     [model] = pool["models"]
-    assert (model["instances"], model["idle"], model["in_use"]) == (2, 2, 0)
+    assert (model["instances"], model["idle"], model["in_use"]) == (1, 1, 0)
     assert model["memory"]["source"] in ("measured_rss_at_load", "estimate")
     assert model["memory"]["bytes"] > 0
 
@@ -147,17 +139,20 @@ def test_every_counter_matches_a_known_mix_of_traffic(live):
     assert metric(samples, "llm_timeouts_total", stage="queue") == 0
     assert metric(samples, "llm_timeouts_total", stage="generation") == 0
     assert metric(samples, "llm_queue_depth") == 0 and metric(samples, "llm_requests_active") == 0
-    for state, count in (("idle", 2), ("in_use", 0), ("loading", 0)):
+    for state, count in (("idle", 1), ("in_use", 0), ("loading", 0)):
         assert metric(samples, "llm_pool_instances", model=MODEL_NAME, state=state) == count
-    assert metric(samples, "llm_model_cache_hits_total", cache="pool") == 2
-    assert metric(samples, "llm_model_cache_misses_total", cache="pool") == 2
-    assert metric(samples, "llm_model_load_duration_seconds_count", model=MODEL_NAME) == 2
+    assert metric(samples, "llm_slots_total", model=MODEL_NAME, n_ctx="1024") == 8
+    assert metric(samples, "llm_slots_busy", model=MODEL_NAME, n_ctx="1024") == 0
+    assert metric(samples, "llm_decode_steps_total", model=MODEL_NAME, n_ctx="1024") == engine["steps"]
+    assert metric(samples, "llm_model_cache_hits_total", cache="pool") == 3
+    assert metric(samples, "llm_model_cache_misses_total", cache="pool") == 1
+    assert metric(samples, "llm_model_load_duration_seconds_count", model=MODEL_NAME) == 1
     # Monitoring calls are not API traffic: all the polling above left the counts alone.
     assert get(server, "/stats")["requests"]["total"] == 9
 
 
-def test_health_and_stats_answer_while_every_worker_is_busy_and_the_queue_is_full(live):
-    server = live(MAX_WORKERS=1, MODEL_POOL_SIZE=1, MAX_CONCURRENT_REQUESTS=2)
+def test_health_and_stats_answer_while_every_slot_is_busy_and_the_queue_is_full(live):
+    server = live(N_PARALLEL=1, MAX_CONCURRENT_REQUESTS=2)
     finished = []
 
     def long_generation():
@@ -183,7 +178,7 @@ def test_health_and_stats_answer_while_every_worker_is_busy_and_the_queue_is_ful
     assert answers["/health"].json() == {"status": "ok"}
     concurrency = answers["/stats/concurrency"].json()
     assert (concurrency["in_flight"], concurrency["active"], concurrency["queued"]) == (2, 1, 1)
-    assert concurrency["workers"]["busy"] == 1
+    assert concurrency["slots"] == {"busy": 1, "total": 1}
     assert answers["/stats"].json()["concurrency"]["in_flight"] == 2
     readiness = answers["/api/v1/health"].json()
     assert readiness["status"] == "degraded"

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from conftest import wait_until
 from services.concurrency_manager import ConcurrencyManager
 from services.errors import ModelLoadError, QueueTimeout, ShuttingDown, TooBusy
 from services.model_pool import InstanceSettings, ModelPool, llamacpp_loader
@@ -137,18 +138,18 @@ def test_manager_refuses_beyond_the_limit_and_counts_outcomes():
     while manager.snapshot().active < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     snapshot = manager.snapshot()
-    assert (snapshot.active, snapshot.queued, snapshot.rejected) == (1, 1, 1)
+    assert (snapshot.active, snapshot.queued, snapshot.outcomes["rejected"]) == (1, 1, 1)
     assert (snapshot.workers_busy, snapshot.workers_alive) == (1, 1)
     assert manager.queue_wait.percentiles((50,))["samples"] == 1
     release.set()
-    for job in jobs:
-        job.future.result(timeout=5)
+    assert wait_until(lambda: manager.snapshot().in_flight == 0, seconds=5)
+    assert [job.outcome for job in jobs] == ["succeeded", "succeeded"]
     failing = manager.submit(lambda job: 1 / 0)
-    with pytest.raises(ZeroDivisionError):
-        failing.future.result(timeout=5)
+    assert wait_until(lambda: failing.outcome is not None, seconds=5)
     assert manager.drain(5)
     snapshot = manager.snapshot()
-    assert (snapshot.completed, snapshot.failed, snapshot.in_flight) == (2, 1, 0)
+    assert failing.outcome == "failed"
+    assert (snapshot.outcomes["succeeded"], snapshot.outcomes["failed"], snapshot.in_flight) == (2, 1, 0)
     with pytest.raises(ShuttingDown):
         manager.submit(lambda job: None)
     manager.shutdown()

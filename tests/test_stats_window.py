@@ -6,7 +6,8 @@ import pytest
 
 from services.errors import GenerationTimeout, QueueTimeout, TooBusy
 from services.observability.request_stats import RequestCounts, classify
-from services.observability.stats import UsageStats, outcome_of
+from services.concurrency_manager import outcome_of
+from services.observability.stats import UsageStats
 from services.observability.window import BucketHistogram, SlidingWindow, percentile
 
 
@@ -46,7 +47,7 @@ def test_histogram_buckets_are_cumulative_and_inclusive():
 
 @pytest.mark.parametrize("status,code,outcome", [
     (200, None, "succeeded"), (400, "invalid_request", "failed"), (429, "too_many_requests", "rejected"),
-    (503, "queue_timeout", "timed_out"), (504, "generation_timeout", "timed_out"),
+    (503, "queue_timeout", "queue_timed_out"), (504, "generation_timeout", "timed_out"),
     (200, "generation_timeout", "timed_out"), (200, "client_disconnected", "cancelled"),
     (200, "internal_error", "failed"), (503, "shutting_down", "failed"),
 ])
@@ -56,7 +57,8 @@ def test_replies_are_classified_by_status_and_error_code(status, code, outcome):
 
 def test_errors_map_to_outcomes_by_type():
     assert outcome_of(TooBusy("busy")) == "rejected"
-    assert outcome_of(QueueTimeout("late")) == outcome_of(GenerationTimeout("slow")) == "timed_out"
+    assert outcome_of(QueueTimeout("late")) == "queue_timed_out"
+    assert outcome_of(GenerationTimeout("slow")) == "timed_out"
     assert outcome_of(GeneratorExit()) == "cancelled" and outcome_of(ValueError()) == "failed"
 
 

@@ -26,6 +26,8 @@
                           {name: "TTFT p50", color: "#16794a"}]);
   chart("models", "", [{name: "models", color: "#1f5fbf"}, {name: "instances", color: "#7a3fbf"},
                        {name: "in use", color: "#16794a"}]);
+  chart("slots", "", [{name: "slots busy", color: "#16794a"}, {name: "slots", color: "#5b6475"},
+                      {name: "sequences per step", color: "#7a3fbf"}]);
 
   function headers() {
     const key = sessionStorage.getItem("llm_api_key");
@@ -62,6 +64,10 @@
     const loaded = stats.loaded_models;
     charts.models.push(t, [loaded.length, loaded.reduce((n, m) => n + m.instances, 0),
                            loaded.reduce((n, m) => n + m.in_use, 0)]);
+    const engines = concurrency.engines;
+    const widths = engines.map((e) => e.sequences_per_step).filter((w) => w !== null);
+    charts.slots.push(t, [concurrency.slots.busy, concurrency.slots.total,
+                          widths.length ? Math.max(...widths) : null]);
     state.previous = {t, stats};
     showFigures(stats, concurrency);
   }
@@ -74,6 +80,7 @@
       speed: TinyChart.formatValue(stats.tokens_per_second.recent),
       in_flight: `${concurrency.in_flight} / ${concurrency.limits.MAX_CONCURRENT_REQUESTS}`,
       workers: `${concurrency.workers.busy} / ${concurrency.workers.max}`,
+      slots: `${concurrency.slots.busy} / ${concurrency.slots.total}`,
     };
     for (const [id, value] of Object.entries(figures)) {
       document.getElementById("fig-" + id).textContent = value;

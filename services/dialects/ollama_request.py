@@ -9,34 +9,34 @@ server's own settings decide them; other unknown options are refused rather than
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from services.dialects import sampling_fields as f
 from services.dialects.chat import ChatMessage, ChatPrompt, parse_messages
-from services.errors import InvalidRequest
-from services.dialects.generate_request import (MAX_TOP_K, Param, _range, _stop_list,
-                                       parse_params)
-from services.types import SamplingParams
 from services.dialects.json_mode import any_json_object, schema_grammar
-from services.types import Prompt
+from services.dialects.params import Param, empty, never, parse_params
+from services.errors import InvalidRequest
+from services.types import Prompt, SamplingParams
 
 TAG = ":latest"
 SUFFIX = ".gguf"
 
+# Ollama's own names and defaults for the shared fields; num_predict and seed take negative
+# values too (-1 / -2 = no limit, a negative seed = random), which `_sampling` maps onto them.
 OPTION_PARAMS: tuple[Param, ...] = (
-    Param("num_predict", "integer", -1, "tokens to generate at most; -1 or -2 = until the reply "
-          "ends or the context is full", lambda v: None if v >= 1 or v in (-1, -2)
-          else "must be -1, -2 or at least 1"),
-    Param("temperature", "number", 0.8, "sampling temperature, 0 = greedy (0 .. 2)", _range(0, 2)),
-    Param("top_k", "integer", 40, "sample among the k likeliest tokens, 0 = all",
-          _range(0, MAX_TOP_K)),
-    Param("top_p", "number", 0.9, "nucleus sampling (0 .. 1)", _range(0, 1)),
-    Param("repeat_penalty", "number", 1.1, "penalty for repeated tokens (0 .. 10)", _range(0, 10)),
-    Param("presence_penalty", "number", 0.0, "(-2 .. 2)", _range(-2, 2)),
-    Param("frequency_penalty", "number", 0.0, "(-2 .. 2)", _range(-2, 2)),
-    Param("seed", "integer", None, "sampling seed; negative = random", _range(-(2**31), 2**32 - 1)),
-    Param("stop", "array of strings", [], "strings that end generation", _stop_list),
+    Param("num_predict", "integer", -1, "tokens to generate at most (1 .. context size - 1); "
+          "-1 or -2 = until the reply ends or the context is full",
+          lambda v: None if v >= 1 or v in (-1, -2) else "must be -1, -2 or at least 1"),
+    f.TEMPERATURE.param(), f.TOP_K.param(), f.TOP_P.param(default=0.9),
+    f.MIN_P.param(default=0.0), f.REPEAT_PENALTY.param(), f.PRESENCE_PENALTY.param(),
+    f.FREQUENCY_PENALTY.param(),
+    replace(f.SEED.param(note="negative = random"),
+            check=lambda v: None if v < 0 else f.SEED.check(v)),
+    f.STOP.param(),
 )
+# The options as rows of the docs page's table, under the names a request nests them in.
+OPTION_ROWS = tuple(replace(p, name=f"options.{p.name}") for p in OPTION_PARAMS)
 # Runtime and hardware options: the server's settings (N_CTX, N_THREADS, …) decide these.
 RUNTIME_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", "num_keep",
                    "use_mmap", "use_mlock", "numa", "low_vram", "vocab_only", "logits_all",
@@ -46,30 +46,29 @@ _COMMON = (
     Param("model", "string", None, "model name from GET /api/tags (default model if omitted)"),
     Param("format", "string or object", None, '"json", or a JSON Schema: output constrained to '
           "parse as JSON"),
-    Param("options", "object", None,
-          "sampling options: " + ", ".join(p.name for p in OPTION_PARAMS)),
+    Param("options", "object", None, "sampling options (options.* below); runtime options ("
+          "num_ctx, num_thread, …) are accepted and left to the server's settings"),
     Param("stream", "boolean", True, "stream NDJSON lines (the default); false for one object"),
     Param("keep_alive", "string or number", None, "accepted; instances stay loaded until evicted"),
-    Param("think", "boolean", False, "only false", lambda v: "is not supported" if v else None),
-    Param("logprobs", "boolean", False, "only false", lambda v: "is not supported" if v else None),
-    Param("top_logprobs", "integer", None, "not supported", lambda v: "is not supported"),
+    Param("think", "boolean", False, "only false", empty),
+    Param("logprobs", "boolean", False, "only false", empty),
+    Param("top_logprobs", "integer", None, "not supported", never),
 )
 GENERATE_PARAMS: tuple[Param, ...] = (
     *_COMMON,
     Param("prompt", "string", "", "the prompt; empty only reports the model as loaded"),
     Param("system", "string", None, "system message"),
     Param("raw", "boolean", False, "send the prompt as it is, without the chat template"),
-    Param("suffix", "string", None, "not supported", lambda v: "is not supported" if v else None),
-    Param("template", "string", None, "not supported", lambda v: "is not supported" if v else None),
-    Param("context", "array", None, "not supported", lambda v: "is not supported" if v else None),
-    Param("images", "array", None, "not supported", lambda v: "is not supported" if v else None),
+    Param("suffix", "string", None, "not supported", empty),
+    Param("template", "string", None, "not supported", empty),
+    Param("context", "array", None, "not supported", empty),
+    Param("images", "array", None, "not supported", empty),
 )
 CHAT_PARAMS: tuple[Param, ...] = (
     *_COMMON,
     Param("messages", "array", [], "the conversation, [{role, content}]; empty only reports the "
           "model as loaded"),
-    Param("tools", "array", None, "not supported (only empty)",
-          lambda v: "is not supported" if v else None),
+    Param("tools", "array", None, "not supported (only empty)", empty),
 )
 EMBED_PARAMS: tuple[Param, ...] = (
     Param("model", "string", None, "model name (default model if omitted)"),
@@ -77,7 +76,7 @@ EMBED_PARAMS: tuple[Param, ...] = (
     Param("truncate", "boolean", True, "cut inputs longer than the context instead of refusing"),
     Param("options", "object", None, "accepted, not used"),
     Param("keep_alive", "string or number", None, "accepted, not used"),
-    Param("dimensions", "integer", None, "not supported", lambda v: "is not supported"),
+    Param("dimensions", "integer", None, "not supported", never),
 )
 MODEL_PARAMS: tuple[Param, ...] = (
     Param("model", "string", None, "model name (required)"),
@@ -149,27 +148,25 @@ def parse_model(body: Any) -> str:
 
 
 def _generation(values: dict, prompt: Prompt | None, n_ctx: int, chat: bool) -> OllamaGeneration:
-    options = values["options"] or {}
+    return OllamaGeneration(model_name(values["model"]), prompt,
+                            _sampling(values["options"] or {}, values["format"], n_ctx),
+                            values["stream"], chat)
+
+
+def _sampling(options: dict, output_format: str | dict | None, n_ctx: int) -> SamplingParams:
+    """`options` as the shared sampling fields; runtime options are accepted and left to the
+    server's settings, any other unknown option is refused."""
     unknown = sorted(set(options) - {p.name for p in OPTION_PARAMS} - set(RUNTIME_OPTIONS))
     if unknown:
         raise InvalidRequest(f"unsupported option(s): {', '.join(unknown)}; supported: "
                              f"{', '.join(p.name for p in OPTION_PARAMS)}", param="options")
-    sampling_values = parse_params({k: v for k, v in options.items() if k not in RUNTIME_OPTIONS},
-                                   OPTION_PARAMS)
-    max_tokens = sampling_values["num_predict"] if sampling_values["num_predict"] > 0 else None
-    if max_tokens is not None and max_tokens > n_ctx:
-        raise InvalidRequest(f"num_predict must be at most the context size ({n_ctx})",
-                             param="options")
-    seed = sampling_values["seed"]
-    sampling = SamplingParams(
-        max_tokens=max_tokens, temperature=float(sampling_values["temperature"]),
-        top_p=float(sampling_values["top_p"]), top_k=sampling_values["top_k"],
-        repeat_penalty=float(sampling_values["repeat_penalty"]),
-        stop=tuple(sampling_values["stop"]), seed=seed if seed is not None and seed >= 0 else None,
-        presence_penalty=float(sampling_values["presence_penalty"]),
-        frequency_penalty=float(sampling_values["frequency_penalty"]),
-        grammar=_format_grammar(values["format"]))
-    return OllamaGeneration(model_name(values["model"]), prompt, sampling, values["stream"], chat)
+    values = parse_params({k: v for k, v in options.items() if k not in RUNTIME_OPTIONS},
+                          OPTION_PARAMS)
+    seed, num_predict = values["seed"], values["num_predict"]
+    return f.sampling_params(n_ctx, {"max_tokens": "num_predict"}, **{
+        **f.named_fields(values), "max_tokens": num_predict if num_predict > 0 else None,
+        "seed": seed if seed is not None and seed >= 0 else None,
+        "grammar": _format_grammar(output_format)})
 
 
 def _format_grammar(output_format: str | dict | None) -> str | None:

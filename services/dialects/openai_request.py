@@ -9,79 +9,57 @@ except bookkeeping fields (user, store, metadata).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
+from services.dialects import sampling_fields as f
 from services.dialects.chat import ChatPrompt, parse_messages
-from services.errors import InvalidRequest
-from services.dialects.generate_request import (MAX_STOP_STRINGS, Param, _at_least, _range, _stop_list,
-                                       parse_params)
-from services.types import SamplingParams
 from services.dialects.json_mode import any_json_object, schema_grammar
-from services.types import Prompt
-
-
-def _only(allowed: Any) -> Callable[[Any], str | None]:
-    return lambda v: None if v == allowed else f"is not supported by this server (only {allowed!r})"
-
-
-def _empty(value: Any) -> str | None:
-    return "is not supported by this server" if value else None
-
-
-def _one_of(*choices: str) -> Callable[[Any], str | None]:
-    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
-
+from services.dialects.params import Param, empty, one_of, only, parse_params
+from services.errors import InvalidRequest
+from services.types import Prompt, SamplingParams
 
 _MODEL = Param("model", "string", None, "model id from GET /v1/models (default model if omitted)")
 _SAMPLING = (
-    Param("temperature", "number", 1.0, "sampling temperature, 0 = greedy (0 .. 2)", _range(0, 2)),
-    Param("top_p", "number", 1.0, "nucleus sampling (0 .. 1)", _range(0, 1)),
-    Param("stop", "array of strings", [], f"a string or up to {MAX_STOP_STRINGS} strings that "
-          "end generation", _stop_list),
-    Param("seed", "integer", None, "sampling seed: same seed, same reply (0 .. 2^32-1)",
-          _range(0, 2**32 - 1)),
-    Param("presence_penalty", "number", 0.0, "penalty for tokens already present (-2 .. 2)",
-          _range(-2, 2)),
-    Param("frequency_penalty", "number", 0.0, "penalty by how often a token appeared (-2 .. 2)",
-          _range(-2, 2)),
-    Param("n", "integer", 1, "choices per request: only 1", _only(1)),
+    f.TEMPERATURE.param(default=1.0), f.TOP_P.param(default=1.0), f.STOP.param(),
+    f.SEED.param(), f.PRESENCE_PENALTY.param(), f.FREQUENCY_PENALTY.param(),
+    Param("n", "integer", 1, "choices per request: only 1", only(1)),
     Param("stream", "boolean", False, "stream chunks as server-sent events, ending with "
           "data: [DONE]"),
     Param("stream_options", "object", None, '{"include_usage": true} adds a last chunk with '
           "usage"),
-    Param("logit_bias", "object", None, "not supported (only empty)", _empty),
+    Param("logit_bias", "object", None, "not supported (only empty)", empty),
     Param("user", "string", None, "accepted, not used"),
 )
+# OpenAI's API has no repeat penalty nor min_p: both stay off (top_k keeps the server default).
+_OPENAI_FIXED = {"min_p": 0.0, "repeat_penalty": 1.0}
 
 COMPLETION_PARAMS: tuple[Param, ...] = (
     _MODEL,
     Param("prompt", "string or array", None, "text to continue: a string, a list of one string, "
           "or token ids (required)", required=True),
-    Param("max_tokens", "integer", 16, "tokens to generate at most (1 .. context size)",
-          _at_least(1)),
+    f.MAX_TOKENS.param(default=16),
     *_SAMPLING,
-    Param("echo", "boolean", False, "only false", _only(False)),
-    Param("best_of", "integer", 1, "only 1", _only(1)),
-    Param("logprobs", "integer", None, "not supported", _empty),
-    Param("suffix", "string", None, "not supported", _empty),
+    Param("echo", "boolean", False, "only false", only(False)),
+    Param("best_of", "integer", 1, "only 1", only(1)),
+    Param("logprobs", "integer", None, "not supported", empty),
+    Param("suffix", "string", None, "not supported", empty),
 )
 
 CHAT_PARAMS: tuple[Param, ...] = (
     _MODEL,
     Param("messages", "array", None, "the conversation, [{role, content}]; roles system, "
           "developer, user, assistant (required)", required=True),
-    Param("max_tokens", "integer", None, "tokens to generate at most; default: until the reply "
-          "ends or the context is full", _at_least(1)),
-    Param("max_completion_tokens", "integer", None, "the newer name of max_tokens", _at_least(1)),
+    f.MAX_TOKENS.param(default=None, note="default: until the reply ends or the context is full"),
+    f.MAX_TOKENS.param("max_completion_tokens", default=None, note="the newer name of max_tokens"),
     *_SAMPLING,
     Param("response_format", "object", None, '{"type": "json_object"}, or {"type": '
           '"json_schema", "json_schema": {"schema": {...}}}: output constrained to parse as JSON'),
-    Param("logprobs", "boolean", False, "only false", _only(False)),
-    Param("top_logprobs", "integer", None, "not supported", _empty),
-    Param("tools", "array", None, "not supported (only empty)", _empty),
-    Param("functions", "array", None, "not supported (only empty)", _empty),
+    Param("logprobs", "boolean", False, "only false", only(False)),
+    Param("top_logprobs", "integer", None, "not supported", empty),
+    Param("tools", "array", None, "not supported (only empty)", empty),
+    Param("functions", "array", None, "not supported (only empty)", empty),
     Param("tool_choice", "string", None, "only none or auto (there are no tools)",
-          _one_of("none", "auto")),
+          one_of("none", "auto")),
     Param("parallel_tool_calls", "boolean", None, "accepted, not used"),
     Param("store", "boolean", None, "accepted, not used"),
     Param("metadata", "object", None, "accepted, not used"),
@@ -92,8 +70,8 @@ EMBEDDING_PARAMS: tuple[Param, ...] = (
     Param("input", "string or array", None, "a text or a list of texts (required)",
           required=True),
     Param("encoding_format", "string", "float", "float, or base64 (little-endian float32, what "
-          "the openai package asks for)", _one_of("float", "base64")),
-    Param("dimensions", "integer", None, "not supported: vectors have the model's size", _empty),
+          "the openai package asks for)", one_of("float", "base64")),
+    Param("dimensions", "integer", None, "not supported: vectors have the model's size", empty),
     Param("user", "string", None, "accepted, not used"),
 )
 
@@ -119,15 +97,15 @@ class OpenAIEmbedding:
 def parse_completion(body: Any, n_ctx: int) -> OpenAIGeneration:
     """:raise InvalidRequest: the body is not a completion request this server can run."""
     values = parse_params(body, COMPLETION_PARAMS)
-    return _generation(values, _completion_prompt(values["prompt"]), values["max_tokens"], n_ctx)
+    return _generation(values, _completion_prompt(values["prompt"]), n_ctx)
 
 
 def parse_chat(body: Any, n_ctx: int) -> OpenAIGeneration:
     """:raise InvalidRequest: the body is not a chat request this server can run."""
     values = parse_params(body, CHAT_PARAMS)
-    max_tokens = values["max_completion_tokens"] or values["max_tokens"]
-    return _generation(values, ChatPrompt(parse_messages(values["messages"])), max_tokens, n_ctx,
-                       grammar=_response_grammar(values["response_format"]))
+    return _generation(values, ChatPrompt(parse_messages(values["messages"])), n_ctx,
+                       "max_completion_tokens" if values["max_completion_tokens"] else "max_tokens",
+                       _response_grammar(values["response_format"]))
 
 
 def parse_embedding(body: Any) -> OpenAIEmbedding:
@@ -136,17 +114,13 @@ def parse_embedding(body: Any) -> OpenAIEmbedding:
     return OpenAIEmbedding(values["model"], values["input"], values["encoding_format"])
 
 
-def _generation(values: dict, prompt: Prompt, max_tokens: int | None, n_ctx: int,
+def _generation(values: dict, prompt: Prompt, n_ctx: int, max_tokens_name: str = "max_tokens",
                 grammar: str | None = None) -> OpenAIGeneration:
-    if max_tokens is not None and max_tokens > n_ctx:
-        raise InvalidRequest(f"max_tokens must be at most the context size ({n_ctx})",
-                             param="max_tokens")
+    """`max_tokens_name`: the field the limit came in (chat's max_completion_tokens wins)."""
     options = values["stream_options"] or {}
-    sampling = SamplingParams(
-        max_tokens=max_tokens, temperature=float(values["temperature"]),
-        top_p=float(values["top_p"]), top_k=40, repeat_penalty=1.0, stop=tuple(values["stop"]),
-        seed=values["seed"], presence_penalty=float(values["presence_penalty"]),
-        frequency_penalty=float(values["frequency_penalty"]), grammar=grammar)
+    sampling = f.sampling_params(n_ctx, {"max_tokens": max_tokens_name},
+                                 **{**f.named_fields(values), **_OPENAI_FIXED,
+                                    "max_tokens": values[max_tokens_name], "grammar": grammar})
     return OpenAIGeneration(values["model"], prompt, sampling, values["stream"],
                             bool(options.get("include_usage")))
 

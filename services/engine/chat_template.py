@@ -33,8 +33,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from jinja2.utils import _PassArg
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from services.concurrency_manager import JobCancelled
-from services.errors import BackendError, ChatTemplateError, InvalidRequest
+from services.errors import BackendError, ChatTemplateError, InvalidRequest, JobCancelled
 
 DEFAULT_TIMEOUT = 2.0             # CHAT_TEMPLATE_TIMEOUT's default
 MAX_TEMPLATE_CHARS = 256 * 1024   # the largest real templates (tool-calling ones) are ~20 KB

@@ -14,8 +14,8 @@ from services.observability.load_meter import LoadMeter
 from services.engine.memory import estimate_load
 from services.model_pool import LoadedModel, ModelPool, model_of
 
-# (model name, instances loaded, their n_ctx or None) -> estimated bytes, None if unknown.
-Estimate = Callable[[str, int, "int | None"], "int | None"]
+# (model name, KV cache cells of its loaded contexts) -> estimated bytes, None if unknown.
+Estimate = Callable[[str, int], "int | None"]
 
 
 class ModelCache(Protocol):
@@ -62,7 +62,7 @@ class PoolCache:
         measured = record.measured_bytes(model.instances) if record else None
         if measured is not None:
             return {"bytes": measured, "source": "measured_rss_at_load"}
-        return {"bytes": self._estimate(model.name, model.instances, model.n_ctx),
+        return {"bytes": self._estimate(model.name, model.kv_tokens),
                 "source": "estimate"}
 
 
@@ -76,18 +76,19 @@ def _iso(timestamp: float) -> str:
         timespec="seconds")
 
 
-def registry_estimate(managers: Iterable, default_n_ctx: int) -> Estimate:
-    """Estimate from the ModelManagers' GGUF metadata: the weights once, a KV cache per instance."""
+def registry_estimate(managers: Iterable) -> Estimate:
+    """Estimate from the ModelManagers' GGUF metadata: the weights once, and the KV cache of
+    every cell its contexts hold (an engine's slots share one cache)."""
     managers = list(managers)
 
-    def estimate(name: str, instances: int, n_ctx: int | None) -> int | None:
+    def estimate(name: str, kv_tokens: int) -> int | None:
         for manager in managers:
             try:
                 model = manager.resolve(model_of(name))
             except ModelNotFound:
                 continue
-            cost = estimate_load(model.size_bytes, model.kv_bytes_per_token, n_ctx or default_n_ctx)
-            return cost.weights_bytes + cost.kv_cache_bytes * max(1, instances)
+            return estimate_load(model.size_bytes, model.kv_bytes_per_token,
+                                 kv_tokens).first_instance
         return None
 
     return estimate

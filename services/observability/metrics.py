@@ -16,7 +16,8 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from services.observability.reports import cache_statuses
+from services.observability.reports import cache_statuses, engine_states
+from services.types import OUTCOMES
 
 
 class BackendCollector(Collector):
@@ -49,7 +50,7 @@ class BackendCollector(Collector):
         completion = CounterMetricFamily("llm_completion_tokens", "tokens generated",
                                          labels=["model"])
         for model, usage in stats.by_model().items():
-            for outcome in ("succeeded", "failed", "rejected", "timed_out", "cancelled"):
+            for outcome in OUTCOMES:
                 outcomes.add_metric([model, outcome], usage[outcome])
             prompt.add_metric([model], usage["prompt_tokens"])
             completion.add_metric([model], usage["completion_tokens"])
@@ -66,9 +67,9 @@ class BackendCollector(Collector):
         snapshot = self._backend.concurrency.snapshot()
         for name, value, help_text in (
                 ("llm_requests_in_flight", snapshot.in_flight, "admitted requests (active + queued)"),
-                ("llm_requests_active", snapshot.active, "requests holding a model instance"),
-                ("llm_queue_depth", snapshot.queued, "admitted requests waiting for a worker or "
-                                                     "an instance"),
+                ("llm_requests_active", snapshot.active, "requests holding a slot or instance"),
+                ("llm_queue_depth", snapshot.queued, "admitted requests waiting for a worker, a "
+                                                     "model load or a slot"),
                 ("llm_workers_busy", snapshot.workers_busy, "worker threads running a request"),
                 ("llm_max_concurrent_requests", snapshot.max_concurrent_requests,
                  "MAX_CONCURRENT_REQUESTS"),
@@ -78,12 +79,36 @@ class BackendCollector(Collector):
             yield gauge
         rejected = CounterMetricFamily("llm_rejected_requests", "requests refused with 429 "
                                        "(MAX_CONCURRENT_REQUESTS reached)")
-        rejected.add_metric([], snapshot.rejected)
+        rejected.add_metric([], snapshot.outcomes["rejected"])
         timeouts = CounterMetricFamily("llm_timeouts", "requests that ran out of time, by stage",
                                        labels=["stage"])
-        timeouts.add_metric(["queue"], snapshot.queue_timed_out)
-        timeouts.add_metric(["generation"], snapshot.timed_out)
+        timeouts.add_metric(["queue"], snapshot.outcomes["queue_timed_out"])
+        timeouts.add_metric(["generation"], snapshot.outcomes["timed_out"])
         yield from (rejected, timeouts)
+        yield from self._engines()
+
+    def _engines(self) -> Iterator:
+        """Each loaded model's batched engine: slots, what a decode step carries, prefix reuse."""
+        families = {
+            "slots_busy": GaugeMetricFamily("llm_slots_busy", "sequence slots decoding",
+                                            labels=["model", "n_ctx"]),
+            "slots_total": GaugeMetricFamily("llm_slots_total", "sequence slots (N_PARALLEL)",
+                                             labels=["model", "n_ctx"]),
+            "waiting": GaugeMetricFamily("llm_sequences_waiting", "sequences waiting for a slot",
+                                         labels=["model", "n_ctx"]),
+            "sequences_per_step": GaugeMetricFamily(
+                "llm_sequences_per_decode_step", "sequences in one llama_decode, mean of the "
+                "recent steps", labels=["model", "n_ctx"]),
+            "steps": CounterMetricFamily("llm_decode_steps", "llama_decode calls",
+                                         labels=["model", "n_ctx"]),
+            "prompt_tokens_reused": CounterMetricFamily(
+                "llm_prompt_tokens_reused", "prompt tokens taken from a slot's cached prefix "
+                "instead of evaluated", labels=["model", "n_ctx"])}
+        for state in engine_states(self._backend):
+            labels = [state["model"], str(state["n_ctx"])]
+            for key, family in families.items():
+                family.add_metric(labels, state[key] or 0)
+        return families.values()
 
     def _caches(self) -> Iterator:
         instances = GaugeMetricFamily("llm_pool_instances", "llama.cpp instances by state "

@@ -23,24 +23,43 @@ def stats_report(backend) -> dict:
         "loaded_models": [{"name": m.name, "n_ctx": m.n_ctx, "instances": m.instances,
                            "in_use": m.in_use}
                           for m in backend.pool.loaded_models() if m.instances],
-        "concurrency": asdict(backend.concurrency.snapshot()),
+        "concurrency": _flat(asdict(backend.concurrency.snapshot())),
     }
 
 
 def concurrency_report(backend) -> dict:
-    """Limits, in-flight / active / queued, workers, queue wait percentiles, refusals."""
+    """Limits, in-flight / active / queued, outcomes, workers, the engines' slots, queue wait."""
     concurrency = backend.concurrency
     snapshot = asdict(concurrency.snapshot())
     limits = {"MAX_CONCURRENT_REQUESTS": snapshot.pop("max_concurrent_requests"),
               "MAX_WORKERS": snapshot.pop("max_workers"),
               "MODEL_POOL_SIZE": backend.pool.size,
+              "N_PARALLEL": backend.config.N_PARALLEL,
               "QUEUE_TIMEOUT": snapshot.pop("queue_timeout"),
               "REQUEST_TIMEOUT": snapshot.pop("request_timeout")}
     workers = {"max": limits["MAX_WORKERS"], "busy": snapshot.pop("workers_busy"),
                "started": snapshot.pop("workers_started"), "alive": snapshot.pop("workers_alive")}
-    return {"limits": limits, **snapshot, "workers": workers,
+    engines = engine_states(backend)
+    slots = {"busy": sum(e["slots_busy"] for e in engines),
+             "total": sum(e["slots_total"] for e in engines)}
+    outcomes = snapshot.pop("outcomes")
+    return {"limits": limits, **snapshot, **outcomes, "workers": workers,
+            "slots": slots, "engines": engines,
             "queue_wait_ms": concurrency.queue_wait.percentiles((50, 95), scale=1000),
             "window_seconds": concurrency.queue_wait.seconds}
+
+
+def engine_states(backend) -> list[dict]:
+    """Every loaded model's batched engine: its slots, queue, KV cache and decode steps."""
+    return [{"model": name, "n_ctx": n_ctx or backend.config.N_CTX,
+             **asdict(engine.snapshot())}
+            for name, n_ctx, engine in backend.pool.engines()]
+
+
+def _flat(snapshot: dict) -> dict:
+    """The concurrency snapshot with its outcome counts as fields of their own."""
+    outcomes = snapshot.pop("outcomes")
+    return {**snapshot, **outcomes}
 
 
 def cache_report(backend) -> dict:

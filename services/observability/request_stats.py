@@ -9,30 +9,30 @@ from __future__ import annotations
 import threading
 from collections import Counter
 
-from services.errors import GenerationTimeout, QueueTimeout
-from services.observability.stats import OUTCOMES
+from services.errors import ClientGone, GenerationTimeout, QueueTimeout
+from services.types import (CANCELLED, FAILED, OUTCOMES, QUEUE_TIMED_OUT, REJECTED, SUCCEEDED,
+                            TIMED_OUT)
 
 # Route of a request that matched no rule (404s for unknown paths): one bucket for all of them.
 UNMATCHED = "<unmatched>"
-# The `error` codes a reply can carry that mean "timed out" (queue wait or generation).
-_TIMEOUT_CODES = {GenerationTimeout.code, QueueTimeout.code}
-CLIENT_DISCONNECTED = "client_disconnected"
+CLIENT_DISCONNECTED = ClientGone.code
+# Error codes a reply can carry that name an outcome other than "failed".
+_OUTCOME_OF_CODE = {GenerationTimeout.code: TIMED_OUT, QueueTimeout.code: QUEUE_TIMED_OUT,
+                    CLIENT_DISCONNECTED: CANCELLED}
 
 
 def classify(status: int, error_code: str | None) -> str:
-    """The outcome of one reply: rejected (429), timed_out, cancelled, failed or succeeded.
+    """The outcome of one reply, in the vocabulary of `services.types.OUTCOMES`.
 
     A stream can fail after its 200 went out, so the error code of its last event counts too.
     """
     if status == 429:
-        return "rejected"
-    if error_code in _TIMEOUT_CODES:
-        return "timed_out"
-    if error_code == CLIENT_DISCONNECTED:
-        return "cancelled"
+        return REJECTED
+    if error_code in _OUTCOME_OF_CODE:
+        return _OUTCOME_OF_CODE[error_code]
     if status >= 400 or error_code:
-        return "failed"
-    return "succeeded"
+        return FAILED
+    return SUCCEEDED
 
 
 class RequestCounts:

@@ -1,9 +1,9 @@
 """Per-model generation statistics, kept by the services and read by /stats and /metrics.
 
 Two kinds of record, both made exactly once per event:
-- `record_outcome(model, outcome)`: one request for a model ended (succeeded, failed, rejected,
-  timed out, or cancelled because its client went away); made by the service on the caller side.
-- `record(model, ...)`: one generation ran on a worker; tokens, time to first token and latency.
+- `record_outcome(model, outcome)`: one request for a model ended, in the vocabulary of
+  `services.types.OUTCOMES`; made by the job runner when it ends the request's job.
+- `record(model, ...)`: one generation ran; tokens, time to first token and latency.
 Percentiles come from a sliding window (how the server is doing now); histograms and totals are
 cumulative since start-up, as Prometheus expects.
 """
@@ -15,21 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from services.errors import GenerationTimeout, QueueTimeout, TooBusy
 from services.observability.window import LATENCY_BUCKETS, TTFT_BUCKETS, BucketHistogram, SlidingWindow
-
-OUTCOMES = ("succeeded", "failed", "rejected", "timed_out", "cancelled")
-
-
-def outcome_of(error: BaseException) -> str:
-    """The outcome of a request that ended with `error` (matched by type)."""
-    if isinstance(error, TooBusy):
-        return "rejected"
-    if isinstance(error, (QueueTimeout, GenerationTimeout)):
-        return "timed_out"
-    if isinstance(error, GeneratorExit):
-        return "cancelled"
-    return "failed"
+from services.types import OUTCOMES
 
 
 @dataclass

@@ -1,0 +1,397 @@
+"""Continuous batching: one llama.cpp context per loaded model, N sequence slots, one thread.
+
+A pool of separate contexts makes every context read the whole weights for each token it
+decodes, so N contexts split one memory bandwidth. Here every running sequence contributes its
+next token to one batch and one `llama_decode` per step evaluates them all: the weights are read
+once per step for everybody. Each step the scheduler thread
+
+1. drops queued sequences whose caller gave up, and stops running ones that were cancelled or
+   ran out of time (their slot is free for the next step);
+2. admits waiting sequences into free slots while the KV cache has room for them, choosing the
+   free slot whose cached tokens share the longest prefix with the prompt, so only the rest of
+   the prompt is evaluated;
+3. builds one batch: the pending token of every decoding sequence, then prompt chunks of the
+   sequences still prefilling, up to N_BATCH tokens (a long prompt advances a chunk per step
+   while the others keep streaming);
+4. decodes it, and samples each sequence that has logits with its own C sampler chain.
+
+The context is touched by this thread only; callers talk to it through `submit`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import llama_cpp
+
+from services.engine.sampler import SamplerChain
+from services.engine.sequence import Sequence, common_prefix
+from services.errors import DecodeFailed, ModelLoadError, ShuttingDown
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    slots: int           # N_PARALLEL: sequences decoded together
+    kv_cells: int        # KV cache cells shared by the slots
+    n_ctx: int           # the most positions one sequence may use
+    n_batch: int         # tokens evaluated per step
+    n_threads: int
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    slots_total: int
+    slots_busy: int
+    waiting: int
+    kv_cells: int
+    kv_cells_reserved: int
+    steps: int
+    sequences_per_step: float | None    # mean over the recent steps
+    widest_step: int                    # most sequences one step has carried
+    prompt_tokens_evaluated: int
+    prompt_tokens_reused: int
+
+
+@dataclass(eq=False)
+class _Slot:
+    id: int
+    cached: list                    # tokens whose KV this sequence id holds, position 0 on
+    sequence: Sequence | None = None
+    last_used: float = 0.0
+
+
+class BatchEngine:
+    """Decodes the sequences of one model together; `submit` from any thread."""
+
+    def __init__(self, llm: Any, settings: EngineSettings, name: str,
+                 on_exit: Callable[[], None] = lambda: None):
+        """`llm` is the model's `llama_cpp.Llama` (weights, vocabulary, metadata); the engine
+        makes its own context on those weights with `settings.slots` sequences. `on_exit` runs
+        on the scheduler thread once the context is freed (the owner frees the model)."""
+        self.llm = llm
+        self.name = name
+        self.settings = settings
+        self.vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        self._ctx = self._new_context(llm, settings)
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
+        # The batch's arrays, looked up once: each attribute read of a ctypes struct builds a
+        # new pointer object, and these are written for every token of every step.
+        batch = self._batch
+        self._rows = (batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits)
+        self._piece = ctypes.create_string_buffer(256)
+        self._slots = [_Slot(i, []) for i in range(settings.slots)]
+        self._waiting: deque[Sequence] = deque()
+        self._changed = threading.Condition()
+        self._closing = False
+        self._retiring = False
+        self._on_exit = on_exit
+        self._steps = 0
+        self._recent_widths: deque[int] = deque(maxlen=64)
+        self._widest = 0
+        self._evaluated = 0
+        self._reused = 0
+        self._thread = threading.Thread(target=self._run, name=f"engine-{name}", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _new_context(llm: Any, settings: EngineSettings) -> Any:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = settings.kv_cells
+        params.n_batch = params.n_ubatch = settings.n_batch
+        params.n_seq_max = settings.slots
+        params.n_threads = params.n_threads_batch = settings.n_threads
+        # One cache shared by all slots (a sequence may use up to n_ctx of it), kept whole
+        # for sliding-window layers too so a cached prefix can be reused.
+        params.kv_unified = True
+        params.swa_full = True
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(llm._model.model, params)
+        if not ctx:
+            raise ModelLoadError("llama.cpp could not create a batched context "
+                                 f"({settings.kv_cells} cells, {settings.slots} slots)")
+        return ctx
+
+    # -- callers' side ---------------------------------------------------------------------
+
+    def submit(self, sequence: Sequence) -> None:
+        """Queue a sequence; the scheduler admits it when a slot and KV room are free.
+
+        :raise ShuttingDown: the engine is closing (its model was evicted or the app closed).
+        """
+        with self._changed:
+            if self._closing or self._retiring:
+                raise ShuttingDown(f"model {self.name} is being unloaded")
+            self._waiting.append(sequence)
+            self._changed.notify_all()
+
+    def wake(self) -> None:
+        """Make the scheduler look at its sequences now (one was cancelled)."""
+        with self._changed:
+            self._changed.notify_all()
+
+    def snapshot(self) -> EngineSnapshot:
+        with self._changed:
+            busy = [slot.sequence for slot in self._slots if slot.sequence is not None]
+            widths = list(self._recent_widths)
+            return EngineSnapshot(
+                slots_total=len(self._slots), slots_busy=len(busy), waiting=len(self._waiting),
+                kv_cells=self.settings.kv_cells, kv_cells_reserved=sum(s.reserve for s in busy),
+                steps=self._steps,
+                sequences_per_step=round(sum(widths) / len(widths), 2) if widths else None,
+                widest_step=self._widest,
+                prompt_tokens_evaluated=self._evaluated, prompt_tokens_reused=self._reused)
+
+    @property
+    def busy(self) -> bool:
+        with self._changed:
+            return bool(self._waiting) or any(s.sequence for s in self._slots)
+
+    def retire(self) -> None:
+        """Take no new sequences; free the context once the running and queued ones end."""
+        with self._changed:
+            self._retiring = True
+            self._changed.notify_all()
+
+    def close(self, wait: bool = True) -> None:
+        """Stop taking sequences; running and queued ones end with ShuttingDown; then free the
+        context on the scheduler thread (the only one that touches it)."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        if wait and threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    # -- the scheduler thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while self._wait_for_work():
+                self._drop_stopped()
+                self._admit()
+                active = self._active()
+                if active:
+                    self._decode(active)
+                else:
+                    self._pause()
+        except BaseException:
+            log.exception("the batched engine of %s stopped", self.name)
+            raise
+        finally:
+            self._end_all(ShuttingDown(f"model {self.name} was unloaded"))
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._on_exit()
+
+    def _wait_for_work(self) -> bool:
+        """Block until there is something to do; False once closing, or retired and idle."""
+        with self._changed:
+            while not self._closing and not self._waiting and not self._active():
+                if self._retiring:
+                    return False
+                self._changed.wait()
+            return not self._closing
+
+    def _pause(self) -> None:
+        """Nothing could be admitted and nothing runs (a queued sequence waits on a deadline or a
+        cancellation): look again shortly rather than spin."""
+        with self._changed:
+            self._changed.wait(0.05)
+
+    def _active(self) -> list[_Slot]:
+        return [slot for slot in self._slots if slot.sequence is not None]
+
+    def _drop_stopped(self) -> None:
+        """End queued sequences whose caller gave up and running ones that must stop."""
+        with self._changed:
+            waiting = list(self._waiting)
+        for sequence in waiting:
+            try:
+                sequence.job.check_waiting()
+            except BaseException as exc:
+                with self._changed:
+                    self._waiting.remove(sequence)
+                sequence.listener.ended(sequence, exc)
+        for slot in self._active():
+            try:
+                slot.sequence.job.check()
+            except BaseException as exc:
+                self._end(slot, exc)
+
+    def _admit(self) -> None:
+        while True:
+            with self._changed:
+                if not self._waiting:
+                    return
+                sequence = self._waiting[0]
+            free = [slot for slot in self._slots if slot.sequence is None]
+            if not free or self._exclusive():
+                return
+            if sequence.params.seed is not None:
+                if len(free) < len(self._slots):
+                    return          # a seeded sequence waits for the engine to empty
+                self._clear()
+            slot = max(free, key=lambda s: (common_prefix(s.cached, sequence.tokens), s.last_used))
+            if not self._make_room(slot, sequence.reserve):
+                return
+            with self._changed:
+                self._waiting.popleft()
+            try:
+                sequence.job.reserve()
+                self._place(slot, sequence)
+            except BaseException as exc:
+                slot.sequence = None
+                sequence.close()
+                sequence.listener.ended(sequence, exc)
+
+    def _exclusive(self) -> bool:
+        """Whether a seeded sequence runs: it has the engine to itself (README, "Seeds and
+        batching"): what a batch holds changes llama.cpp's arithmetic in the last bits, so a
+        seed reproduces its text only from the same state: an empty cache, decoding alone."""
+        return any(slot.sequence.params.seed is not None for slot in self._active())
+
+    def _clear(self) -> None:
+        llama_cpp.llama_memory_clear(self._memory, True)
+        for slot in self._slots:
+            slot.cached = []
+
+    def _make_room(self, slot: _Slot, needed: int) -> bool:
+        """Free KV cells held by idle slots' caches (least recently used first) until `needed`
+        more fit beside the running sequences' reservations; False if they cannot."""
+        def in_use() -> int:
+            return (sum(s.sequence.reserve for s in self._slots if s.sequence)
+                    + sum(len(s.cached) for s in self._slots if not s.sequence and s is not slot))
+
+        idle = sorted((s for s in self._slots if not s.sequence and s.cached and s is not slot),
+                      key=lambda s: s.last_used)
+        while in_use() + needed > self.settings.kv_cells:
+            if not idle:
+                return False
+            self._forget(idle.pop(0))
+        return True
+
+    def _forget(self, slot: _Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.id, -1, -1)
+        slot.cached = []
+
+    def _place(self, slot: _Slot, sequence: Sequence) -> None:
+        """Give `sequence` the slot, keeping the cached prefix it shares (at least one prompt
+        token is evaluated, for its logits)."""
+        keep = min(common_prefix(slot.cached, sequence.tokens), len(sequence.tokens) - 1)
+        if keep <= 0 or llama_cpp.llama_memory_seq_pos_min(self._memory, slot.id) > 0 \
+                or not llama_cpp.llama_memory_seq_rm(self._memory, slot.id, keep, -1):
+            self._forget(slot)
+            keep = 0
+        slot.cached = slot.cached[:keep]
+        sequence.n_past = sequence.cached_tokens = keep
+        sequence.sampler = SamplerChain(self.vocab, sequence.params, sequence.tokens)
+        sequence.admitted_at = time.monotonic()
+        slot.sequence = sequence
+        self._reused += keep
+        sequence.job.start()
+        sequence.listener.admitted(sequence)
+
+    def _decode(self, slots: list[_Slot]) -> None:
+        """One batch: every decoding sequence's token, then prompt chunks; decode; sample."""
+        batch, rows = self._batch, []
+        batch.n_tokens = 0
+        for slot in slots:
+            if slot.sequence.pending is not None:
+                rows.append((slot, self._add(slot, [slot.sequence.pending], True)))
+        for slot in slots:
+            sequence = slot.sequence
+            room = self.settings.n_batch - batch.n_tokens
+            if sequence.prefilling and room > 0:
+                chunk = sequence.tokens[sequence.n_past:sequence.n_past + room]
+                last = sequence.n_past + len(chunk) == len(sequence.tokens)
+                index = self._add(slot, chunk, last)
+                self._evaluated += len(chunk)
+                if last:
+                    rows.append((slot, index))
+        if batch.n_tokens == 0:
+            return
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        width = len({id(slot) for slot in slots})
+        with self._changed:
+            self._steps += 1
+            self._recent_widths.append(width)
+            self._widest = max(self._widest, width)
+        if status != 0:
+            self._decode_failed(slots, status)
+            return
+        for slot, index in rows:
+            self._sample(slot, index)
+
+    def _add(self, slot: _Slot, tokens: list, logits_for_last: bool) -> int:
+        """Append `tokens` of `slot`'s sequence at its next positions; the last row's index."""
+        batch, sequence = self._batch, slot.sequence
+        token_of, pos_of, n_seq_of, seq_of, logits_of = self._rows
+        k, position = batch.n_tokens, sequence.n_past
+        for token in tokens:
+            token_of[k], pos_of[k], n_seq_of[k], logits_of[k] = token, position, 1, False
+            seq_of[k][0] = slot.id
+            k += 1
+            position += 1
+        logits_of[k - 1] = logits_for_last
+        batch.n_tokens, sequence.n_past = k, position
+        slot.cached.extend(tokens)
+        sequence.pending = None
+        return k - 1
+
+    def _sample(self, slot: _Slot, index: int) -> None:
+        sequence = slot.sequence
+        try:
+            token = sequence.sampler.sample(self._ctx, index)
+            done = sequence.accept(token, self._token_text(token),
+                                   llama_cpp.llama_vocab_is_eog(self.vocab, token))
+            if not done and sequence.n_past + 1 > sequence.limit:
+                sequence.finish_reason, done = "length", True
+        except BaseException as exc:
+            self._end(slot, exc)
+            return
+        if done:
+            sequence.flush()
+            self._end(slot, None)
+
+    def _token_text(self, token: int) -> bytes:
+        size = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece),
+                                              0, False)
+        if size < 0:
+            self._piece = ctypes.create_string_buffer(-size)
+            size = llama_cpp.llama_token_to_piece(self.vocab, token, self._piece,
+                                                  len(self._piece), 0, False)
+        return self._piece.raw[:size]
+
+    def _decode_failed(self, slots: list[_Slot], status: int) -> None:
+        """llama_decode refused the batch: end every sequence in it and clear their caches, so
+        the next step starts clean (the sequences' owners see DecodeFailed)."""
+        log.error("llama_decode of %s returned %d", self.name, status)
+        for slot in slots:
+            self._end(slot, DecodeFailed(f"llama.cpp could not evaluate the batch ({status})"))
+            self._forget(slot)
+
+    def _end(self, slot: _Slot, error: BaseException | None) -> None:
+        sequence = slot.sequence
+        slot.sequence = None
+        slot.last_used = time.monotonic()
+        if sequence.pending is not None or sequence.prefilling:
+            # Positions past what was evaluated are not in the cache; keep what is.
+            slot.cached = slot.cached[:sequence.n_past]
+        sequence.close()
+        sequence.listener.ended(sequence, error)
+
+    def _end_all(self, error: BaseException) -> None:
+        for slot in self._active():
+            self._end(slot, error)
+        with self._changed:
+            waiting, self._waiting = list(self._waiting), deque()
+        for sequence in waiting:
+            sequence.listener.ended(sequence, error)

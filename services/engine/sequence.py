@@ -1,0 +1,135 @@
+"""One request's generation as the batched engine sees it: its prompt, its sampler chain, the
+text it has produced, and how it reports back.
+
+Everything here runs on the engine's scheduler thread, except the constructor. The owner of a
+sequence hears of it through a `SequenceListener`; the job it belongs to (see
+`concurrency_manager.Job`) tells the engine when to stop it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import time
+from typing import Protocol, Sequence as Tokens
+
+from services.engine.sampler import SamplerChain
+from services.types import SamplingParams
+
+
+class JobControl(Protocol):
+    """What the engine needs of the job a sequence runs for."""
+
+    def reserve(self) -> None:
+        """A slot is set aside: the queue wait is over (raises if the caller gave up)."""
+
+    def start(self) -> None:
+        """Generation proper begins; REQUEST_TIMEOUT counts from here."""
+
+    def check_waiting(self) -> None:
+        """Raise when a queued sequence should be dropped (cancelled, queue deadline passed)."""
+
+    def check(self) -> None:
+        """Raise when a running sequence should stop (cancelled, REQUEST_TIMEOUT passed)."""
+
+
+class SequenceListener(Protocol):
+    def admitted(self, sequence: "Sequence") -> None:
+        """The sequence holds a slot; what of its prompt was cached is known."""
+
+    def text(self, sequence: "Sequence", piece: str) -> None:
+        """Text that can go to the client (stop strings held back until ruled out)."""
+
+    def ended(self, sequence: "Sequence", error: BaseException | None) -> None:
+        """The sequence is over: finished (error None) or stopped by `error`; its slot is free."""
+
+
+class Sequence:
+    """A prompt to continue under `params`, at most `limit` positions long (its n_ctx)."""
+
+    def __init__(self, tokens: Tokens[int], params: SamplingParams, limit: int,
+                 job: JobControl, listener: SequenceListener):
+        self.tokens = list(tokens)
+        self.params = params
+        self.limit = limit
+        self.job = job
+        self.listener = listener
+        room = limit - len(self.tokens)
+        self.max_new = min(params.max_tokens or room, room)
+        # KV cells it may fill: its prompt and every token it may still generate.
+        self.reserve = len(self.tokens) + self.max_new
+        self.sampler: SamplerChain | None = None
+        self.n_past = 0                  # positions already in the KV cache
+        self.pending: int | None = None  # sampled, not yet evaluated
+        self.cached_tokens = 0           # prompt tokens reused from the slot's cache
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.pieces: list[str] = []
+        self.first_token_at: float | None = None
+        self.admitted_at: float | None = None
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._held = ""
+
+    @property
+    def prefilling(self) -> bool:
+        return self.n_past < len(self.tokens)
+
+    def accept(self, token: int, piece: bytes, end_of_generation: bool) -> bool:
+        """Take a sampled token; True when the sequence is finished."""
+        if end_of_generation:
+            self.finish_reason = "stop"
+            return True
+        self.completion_tokens += 1
+        if self.first_token_at is None:
+            self.first_token_at = time.monotonic()
+        ready, self._held, stopped = split_at_stop(self._held + self._decoder.decode(piece),
+                                                   self.params.stop)
+        self._emit(ready)
+        if stopped:
+            self._held = ""
+            self._decoder.reset()
+            self.finish_reason = "stop"
+            return True
+        if self.completion_tokens >= self.max_new:
+            self.finish_reason = "length"
+            return True
+        self.pending = token
+        return False
+
+    def flush(self) -> None:
+        """Send text held back for a stop string that never came, and any partial character."""
+        self._emit(self._held + self._decoder.decode(b"", final=True))
+        self._held = ""
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.pieces.append(text)
+            self.listener.text(self, text)
+
+    def close(self) -> None:
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
+
+
+def split_at_stop(text: str, stops: Tokens[str]) -> tuple[str, str, bool]:
+    """Split pending text into (safe to send, to hold back, a stop string was reached)."""
+    if not stops:
+        return text, "", False
+    hits = [text.index(stop) for stop in stops if stop in text]
+    if hits:
+        return text[: min(hits)], "", True
+    hold = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:size]):
+                hold = size
+                break
+    return text[: len(text) - hold], text[len(text) - hold:], False
+
+
+def common_prefix(a: Tokens[int], b: Tokens[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
