@@ -4,8 +4,8 @@ model's batched engine, and hand the caller a stream of events.
 Every generation, whole or streamed, runs the same way: the concurrency manager admits it and
 runs `_prepare` on a worker, which gets the model's engine (loading it on first use), turns the
 prompt into tokens, refuses what cannot run, and hands a `Sequence` to the engine. The engine's
-thread reports through `_Relay`, which puts events on the caller's queue, records the tokens,
-and ends the job once. The caller's thread reads the queue; a caller that stops reading (client
+thread reports through `_SequenceEvents`, which puts events on the caller's queue, records the
+tokens, and ends the job once. The caller's thread reads the queue; a caller that stops reading (client
 gone, timeout) cancels the job, and the engine frees the slot at its next step.
 """
 
@@ -83,7 +83,8 @@ class GenerationStream:
                 return event
         raise AssertionError("a generation stream ended without a Finished event")
 
-class _Relay:
+
+class _SequenceEvents:
     """Hears one sequence on the engine's thread: events to the caller's queue, tokens to the
     statistics, and the job's one ending."""
 
@@ -195,9 +196,9 @@ class LLMService:
                                                                 check=job.check))
             check_fits(len(tokens), sampling.max_tokens, engine.settings.n_ctx)
             check_grammar(engine.vocab, sampling.grammar)
-            relay = _Relay(self, job, model.name, received_at, load_seconds)
+            events = _SequenceEvents(self, job, model.name, received_at, load_seconds)
             job.hand_off()
-            engine.submit(EngineSequence(tokens, sampling, engine.settings.n_ctx, job, relay))
+            engine.submit(EngineSequence(tokens, sampling, engine.settings.n_ctx, job, events))
         except BaseException as exc:
             self.stats.record(model.name, False, 0, 0, job.queue_seconds, 0.0)
             job.events.put(exc)
