@@ -63,7 +63,7 @@ class Job:
         self.queue_deadline = self.admitted_at + manager.queue_timeout
         self.request_timeout = manager.request_timeout
         self.reserved_at: float | None = None
-        self.working_since: float | None = None     # a worker began preparing it
+        self.working_since: float | None = None     # a worker (or its caller) took it up
         self.started_at: float | None = None
         self.cancelled = threading.Event()
         self.outcome: str | None = None
@@ -71,7 +71,6 @@ class Job:
         self._next_client_check = 0.0
         self._manager = manager
         self._lock = threading.Lock()
-        self._on_worker = False
         self._handed_off = False
 
     @property
@@ -130,7 +129,7 @@ class Job:
         running work ends itself at its next check, within one decode step."""
         self.cancelled.set()
         with self._lock:
-            running = self._on_worker or self.reserved_at is not None
+            running = self.working_since is not None or self.reserved_at is not None
         if not running:
             self.end(CANCELLED)
 
@@ -244,7 +243,7 @@ class ConcurrencyManager:
         :raise TooBusy, ShuttingDown:
         """
         job = self._new_job(label, counted=True)
-        job._on_worker = True               # it runs on its caller's thread
+        job.working_since = job.admitted_at   # it runs on its caller's thread
         return job
 
     def _new_job(self, label: str, counted: bool) -> Job:
@@ -285,7 +284,6 @@ class ConcurrencyManager:
         with job._lock:
             if job.outcome is not None:
                 return                      # it ended while queued for a worker
-            job._on_worker = True
             job.working_since = time.monotonic()
         with self._lock:
             self._busy += 1

@@ -152,9 +152,9 @@ class ModelPool:
         self._admit = admit
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
-        # Keyed by (name, n_ctx): instances asked for with their own context size (DeepSeek's
-        # large contexts) are kept apart from the default ones (n_ctx None).
-        self._slots: dict[tuple[str, int | None], _Slot] = {}
+        # Pooled instances by variant name; engines by (name, n_ctx): an engine asked for with
+        # its own request size (DeepSeek's large contexts) is kept apart from the default one.
+        self._slots: dict[str, _Slot] = {}
         self._engines: dict[tuple[str, int | None], _Engine] = {}
         self._closed = False
         # For /cache/status and /metrics: checkouts served by an idle instance or by a load,
@@ -240,33 +240,31 @@ class ModelPool:
     @contextmanager
     def checkout(self, name: str, path: str, deadline: float,
                  on_reserve: Callable[[], None] = lambda: None,
-                 cost: LoadCost | None = None, n_ctx: int | None = None,
+                 cost: LoadCost | None = None,
                  loader: Loader | None = None) -> Iterator[Any]:
         """Lend an instance of `name` (loaded from `path`) until the block ends.
 
         `on_reserve` runs (pool lock held; lock order: pool, then the caller's) once an idle
         instance or a free slot is found, before anything is taken; it may raise to refuse.
         `cost` is checked against available memory before a new instance is loaded.
-        `n_ctx` asks for an instance with that context size instead of the default one.
         `loader` loads new instances of a variant `name` instead of the pool's loader.
         :raise QueueTimeout: none became free before `deadline` (time.monotonic).
         :raise InsufficientMemory: a new instance would not fit in memory.
         :raise ModelLoadError: llama.cpp could not load the file.
         """
-        slot, instance = self._acquire(name, path, deadline, on_reserve, cost, n_ctx, loader)
+        slot, instance = self._acquire(name, path, deadline, on_reserve, cost, loader)
         try:
             yield instance
         finally:
-            self._release((name, n_ctx), slot, instance)
+            self._release(name, slot, instance)
 
     def _acquire(self, name: str, path: str, deadline: float, on_reserve: Callable[[], None],
-                 cost: LoadCost | None, n_ctx: int | None = None,
-                 loader: Loader | None = None) -> tuple[_Slot, Any]:
+                 cost: LoadCost | None, loader: Loader | None = None) -> tuple[_Slot, Any]:
         with self._changed:
             while True:
                 if self._closed:
                     raise ShuttingDown("the model pool is closed")
-                slot = self._current_slot(name, path, n_ctx)
+                slot = self._current_slot(name, path)
                 if slot.idle:
                     on_reserve()
                     self._counts["hits"] += 1
@@ -285,26 +283,25 @@ class ModelPool:
                 if remaining <= 0:
                     raise QueueTimeout(f"all {self.size} instances of {name} stayed busy")
                 self._changed.wait(min(remaining, 0.25))
-        return slot, self._load_into(slot, name, path, needed, n_ctx, loader or self._loader)
+        return slot, self._load_into(slot, name, path, needed, loader or self._loader)
 
-    def _current_slot(self, name: str, path: str, n_ctx: int | None = None) -> _Slot:
-        """The slot serving `name` at `n_ctx`; a new one when its file path changed (needs reload)."""
-        key = (name, n_ctx)
-        slot = self._slots.get(key)
+    def _current_slot(self, name: str, path: str) -> _Slot:
+        """The slot serving `name`; a new one when its file path changed (needs reload)."""
+        slot = self._slots.get(name)
         if slot is None or slot.path != path:
-            for stale in self._retire(key):
+            for stale in self._retire(name):
                 close_instance(stale)
-            slot = self._slots[key] = _Slot(path)
+            slot = self._slots[name] = _Slot(path)
         return slot
 
     def _load_into(self, slot: _Slot, name: str, path: str, needed: int,
-                   n_ctx: int | None, loader: Loader) -> Any:
+                   loader: Loader) -> Any:
         """Load one instance outside the lock (loading takes a while) and hand it out busy."""
         started = time.monotonic()
         try:
             self._admit(path)
             self._memory_check(name, needed)
-            instance = loader(path) if n_ctx is None else loader(path, n_ctx)
+            instance = loader(path)
         except BaseException as exc:
             with self._changed:
                 slot.loading -= 1
@@ -321,7 +318,7 @@ class ModelPool:
         log.info("loaded an instance of %s in %.2f s", name, slot.load_seconds)
         return instance
 
-    def _release(self, key: tuple[str, int | None], slot: _Slot, instance: Any) -> None:
+    def _release(self, key: str, slot: _Slot, instance: Any) -> None:
         with self._changed:
             slot.busy.remove(instance)
             slot.last_used = time.time()
@@ -332,7 +329,7 @@ class ModelPool:
         if not keep:
             close_instance(instance)
 
-    def _retire(self, key: tuple[str, int | None]) -> list:
+    def _retire(self, key: str) -> list:
         """Detach a slot (lock held); its busy instances close when they come back."""
         slot = self._slots.pop(key, None)
         if slot is None:
@@ -342,17 +339,15 @@ class ModelPool:
         return idle
 
     def evict(self, name: str, n_ctx: int | None = None) -> int:
-        """Unload `name` and its variants (only its `n_ctx` instances when given): close idle
-        instances now, busy ones when released; count closed now."""
-        def matches(key: tuple[str, int | None]) -> bool:
-            return ((key[0] == name and (n_ctx is None or key[1] == n_ctx))
-                    or (n_ctx is None and key[0].startswith(name + VARIANT_MARK)))
-
+        """Unload `name`: its engines (only the one for `n_ctx` requests when given) and, with
+        no `n_ctx`, its pooled variants; idle ones close now, busy ones when they finish; count
+        closed now."""
         with self._changed:
-            idle = [instance for key in [k for k in self._slots if matches(k)]
-                    for instance in self._retire(key)]
-            engines = sum(self._retire_engine(key) for key in [k for k in self._engines
-                                                                if matches(k)])
+            variants = [] if n_ctx is not None else [
+                key for key in self._slots if model_of(key) == name]
+            idle = [instance for key in variants for instance in self._retire(key)]
+            engines = sum(self._retire_engine(key) for key in list(self._engines)
+                          if key[0] == name and (n_ctx is None or key[1] == n_ctx))
         for instance in idle:
             close_instance(instance)
         return len(idle) + engines
@@ -370,11 +365,15 @@ class ModelPool:
                                   instances=len(slot.idle) + len(slot.busy),
                                   in_use=len(slot.busy), loading=slot.loading,
                                   last_used=slot.last_used, load_seconds=slot.load_seconds,
-                                  n_ctx=n_ctx, kv_tokens=(n_ctx or 0) * slot.size)
-                      for (name, n_ctx), slot in self._slots.items()]
+                                  kv_tokens=self._instance_n_ctx() * slot.size)
+                      for name, slot in self._slots.items()]
         return sorted([self._describe_engine(name, n_ctx, entry)
                        for (name, n_ctx), entry in engines] + pooled,
                       key=lambda model: (model.name, model.n_ctx or 0))
+
+    def _instance_n_ctx(self) -> int:
+        """The context of a pooled instance (an embedding context is N_CTX long)."""
+        return self.engine_settings(None).n_ctx if self.engine_settings else 0
 
     @staticmethod
     def _describe_engine(name: str, n_ctx: int | None, entry: _Engine) -> LoadedModel:

@@ -133,11 +133,6 @@ class BatchEngine:
             self._waiting.append(sequence)
             self._changed.notify_all()
 
-    def wake(self) -> None:
-        """Make the scheduler look at its sequences now (one was cancelled)."""
-        with self._changed:
-            self._changed.notify_all()
-
     def snapshot(self) -> EngineSnapshot:
         with self._changed:
             busy = [slot.sequence for slot in self._slots if slot.sequence is not None]
@@ -291,9 +286,8 @@ class BatchEngine:
             self._forget(slot)
             keep = 0
         slot.cached = slot.cached[:keep]
-        sequence.n_past = sequence.cached_tokens = keep
+        sequence.n_past = keep
         sequence.sampler = SamplerChain(self.vocab, sequence.params, sequence.tokens)
-        sequence.admitted_at = time.monotonic()
         slot.sequence = sequence
         self._reused += keep
         sequence.job.start()
@@ -319,11 +313,10 @@ class BatchEngine:
         if batch.n_tokens == 0:
             return
         status = llama_cpp.llama_decode(self._ctx, batch)
-        width = len({id(slot) for slot in slots})
         with self._changed:
             self._steps += 1
-            self._recent_widths.append(width)
-            self._widest = max(self._widest, width)
+            self._recent_widths.append(len(slots))
+            self._widest = max(self._widest, len(slots))
         if status != 0:
             self._decode_failed(slots, status)
             return
@@ -352,8 +345,6 @@ class BatchEngine:
             token = sequence.sampler.sample(self._ctx, index)
             done = sequence.accept(token, self._token_text(token),
                                    llama_cpp.llama_vocab_is_eog(self.vocab, token))
-            if not done and sequence.n_past + 1 > sequence.limit:
-                sequence.finish_reason, done = "length", True
         except BaseException as exc:
             self._end(slot, exc)
             return
@@ -381,10 +372,7 @@ class BatchEngine:
     def _end(self, slot: _Slot, error: BaseException | None) -> None:
         sequence = slot.sequence
         slot.sequence = None
-        slot.last_used = time.monotonic()
-        if sequence.pending is not None or sequence.prefilling:
-            # Positions past what was evaluated are not in the cache; keep what is.
-            slot.cached = slot.cached[:sequence.n_past]
+        slot.last_used = time.monotonic()      # slot.cached is what was evaluated: it stays
         sequence.close()
         sequence.listener.ended(sequence, error)
 

@@ -50,7 +50,6 @@ class Sequence:
                  job: JobControl, listener: SequenceListener):
         self.tokens = list(tokens)
         self.params = params
-        self.limit = limit
         self.job = job
         self.listener = listener
         room = limit - len(self.tokens)
@@ -60,12 +59,10 @@ class Sequence:
         self.sampler: SamplerChain | None = None
         self.n_past = 0                  # positions already in the KV cache
         self.pending: int | None = None  # sampled, not yet evaluated
-        self.cached_tokens = 0           # prompt tokens reused from the slot's cache
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.pieces: list[str] = []
         self.first_token_at: float | None = None
-        self.admitted_at: float | None = None
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._held = ""
 
