@@ -42,8 +42,9 @@ $(RUNTIME): requirements.txt | $(PY)
 	$(PY) -m pip install --quiet -r requirements.txt
 	@touch $@
 
-$(DEV): requirements-dev.txt $(RUNTIME)
+$(DEV): requirements-dev.txt requirements-dev-nodeps.txt $(RUNTIME)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-dev-nodeps.txt
 	@touch $@
 
 # Only llama-server is needed: tests and examples are not built.

@@ -116,7 +116,8 @@ def engine_settings(config: Config, n_ctx: int | None) -> EngineSettings:
 
 def register_blueprints(app: Flask) -> None:
     """The route table; it matches the HTTP contract in DESIGN.md."""
-    from api import docs, models_api, monitoring, ollama_routes, openai_routes, routes
+    from api import (docs, models_api, monitoring, ollama_routes, openai_routes, responses_routes,
+                     routes)
     from DeepSeekLLM import deepseek_routes
 
     app.register_blueprint(docs.bp)                                  # GET /
@@ -126,6 +127,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(monitoring.bp)                            # /health, /stats, /cache
     app.register_blueprint(openai_routes.bp, url_prefix="/v1")       # OpenAI: models, completions,
                                                                      # chat/completions, embeddings
+    app.register_blueprint(responses_routes.bp, url_prefix="/v1")    # OpenAI: responses
     app.register_blueprint(ollama_routes.bp, url_prefix="/api")      # Ollama: generate, chat, embed,
                                                                      # tags, show, ps, delete, version
 

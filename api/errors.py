@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from flask import Blueprint, Flask, current_app, g, jsonify
+from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from services import errors as e
@@ -41,6 +41,35 @@ _HTTP_CODES = {413: "payload_too_large"}
 Shape = Callable[[dict, int], Any]
 
 
+def native_error(payload: dict, status: int) -> dict:
+    return payload
+
+
+def openai_error(payload: dict, status: int) -> dict:
+    """An error in OpenAI's shape; the openai package picks its exception class by status."""
+    error = payload["error"]
+    kind = ("authentication_error" if status == 401 else "rate_limit_error" if status == 429
+            else "invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": error["message"], "type": kind, "param": error.get("param"),
+                      "code": error["code"]}}
+
+
+def ollama_error(payload: dict, status: int) -> dict:
+    """Ollama's shape: the ollama package's ResponseError.error is this string."""
+    return {"error": payload["error"]["message"]}
+
+
+def shape_for(path: str) -> Shape:
+    """The error body a path's API speaks, unknown routes included: OpenAI's under /v1/,
+    Ollama's under /api/ except the native /api/v1/ and /api/deepseek/, ours elsewhere."""
+    if path == "/v1" or path.startswith("/v1/"):
+        return openai_error
+    if (path == "/api" or path.startswith("/api/")) and not path.startswith(
+            ("/api/v1/", "/api/deepseek/")) and path not in ("/api/v1", "/api/deepseek"):
+        return ollama_error
+    return native_error
+
+
 def status_for(error: e.BackendError) -> int:
     """The status of the closest class in the table (a ContextOverflow is an InvalidRequest)."""
     for cls in type(error).__mro__:
@@ -69,18 +98,16 @@ def status_of(error: BaseException) -> int:
     return 500
 
 
-def register_error_handlers(app: Flask | Blueprint, shape: Shape | None = None) -> None:
-    """JSON for every error: domain errors, Flask's own 4xx/5xx, and anything unexpected.
-
-    A blueprint that speaks another API's format registers them again with its `shape`: same
-    statuses, headers and logging, that API's body.
+def register_error_handlers(app: Flask) -> None:
+    """JSON for every error: domain errors, Flask's own 4xx/5xx, and anything unexpected; the
+    body in the shape of the API the path belongs to (`shape_for`), same statuses and headers.
     """
 
     def reply(payload: dict, status: int):
         """The JSON error response; its code also goes on the access-log line."""
         if "log_fields" in g:
             g.log_fields["error"] = payload["error"]["code"]
-        response = jsonify(shape(payload, status) if shape else payload)
+        response = jsonify(shape_for(request.path)(payload, status))
         response.status_code = status
         return response
 

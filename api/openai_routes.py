@@ -11,39 +11,32 @@ from __future__ import annotations
 import base64
 import time
 from datetime import datetime
+from typing import Iterator
+
 import numpy as np
 from flask import Blueprint, g, jsonify
 
 from api import backend
-from api.compat import start_generation
+from api.compat import start_choice_generations
 from api.docs import document
-from api.errors import register_error_handlers
+from api.errors import openai_error
 from api.http import log_fields
 from api.json_body import json_body
 from api.relay import SSEData, Wire, log_result, relay
-from services.dialects.chat import reply_events, reply_finished
-from services.embeddings import check_inputs
-from services.types import Finished, Token
+from services.dialects.chat import reply_events
+from services.dialects.openai_reply import (Totals, call_deltas, chat_logprobs, chat_message,
+                                            completion_logprobs, finish_reason, total_usage)
 from services.dialects.openai_request import (CHAT_PARAMS, COMPLETION_PARAMS, EMBEDDING_PARAMS,
-                                     OpenAIGeneration, parse_chat, parse_completion,
-                                     parse_embedding)
+                                              OpenAIGeneration, parse_chat, parse_completion,
+                                              parse_embedding)
+from services.dialects.tools import tool_events
+from services.embeddings import check_inputs, shorten
+from services.types import Finished, Token, ToolCalled
 
 bp = Blueprint("openai", __name__)
 
 _MODEL = "gemma-3-270m-q4_k_m.gguf"
 _USAGE = {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17}
-
-
-def openai_error(payload: dict, status: int) -> dict:
-    """An error in OpenAI's shape; the openai package picks its exception class by status."""
-    error = payload["error"]
-    kind = ("authentication_error" if status == 401 else "rate_limit_error" if status == 429
-            else "invalid_request_error" if status < 500 else "server_error")
-    return {"error": {"message": error["message"], "type": kind, "param": error.get("param"),
-                      "code": error["code"]}}
-
-
-register_error_handlers(bp, shape=openai_error)
 
 
 @bp.get("/models")
@@ -71,7 +64,12 @@ def get_model(name: str):
           stream_reply='data: {"object": "text_completion", "choices": [{"text": " Paris", …}]}'
                        '\n\ndata: [DONE]')
 def completions():
-    """Continue a prompt (OpenAI completions): the text as is, no chat template."""
+    """Continue a prompt (OpenAI completions): the text as is, no chat template.
+
+    A list of prompts gives one choice each (times n; choice index = prompt index × n + i).
+    logprobs k adds each token's log probability and its k likeliest alternatives; echo puts
+    the prompt first (with logprobs, its tokens scored too; max_tokens 0 only scores it).
+    """
     request = parse_completion(json_body(), backend().config.N_CTX)
     return _reply(request, "cmpl", "text_completion", chat=False)
 
@@ -92,6 +90,10 @@ def chat_completions():
     The template is the GGUF's tokenizer.chat_template, rendered in Jinja's sandbox; a model
     without one (a base model) gets plain "User: / Assistant:" turns. response_format json_object
     or json_schema constrains the output with a grammar, so a reply that ends on its own parses.
+    With tools, calls come back as message.tool_calls and finish_reason "tool_calls" (streamed as
+    OpenAI's tool_calls deltas); tool_choice required or a named function constrains the reply
+    to a call whose arguments match the function's schema. n gives n choices; logprobs and
+    top_logprobs add each token's log probability.
     """
     request = parse_chat(json_body(), backend().config.N_CTX)
     return _reply(request, "chatcmpl", "chat.completion", chat=True)
@@ -112,61 +114,135 @@ def embeddings():
     log_fields(model=request.model)
     result = backend().embeddings.embed(request.model, check_inputs(request.inputs))
     log_fields(model=result.model, prompt_tokens=result.prompt_tokens)
+    vectors = shorten(result.vectors, request.dimensions)
     data = [{"object": "embedding", "index": index,
              "embedding": _encode(vector, request.encoding_format)}
-            for index, vector in enumerate(result.vectors)]
+            for index, vector in enumerate(vectors)]
     return jsonify(object="list", data=data, model=result.model,
                    usage={"prompt_tokens": result.prompt_tokens,
                           "total_tokens": result.prompt_tokens})
 
 
 def _reply(request: OpenAIGeneration, id_prefix: str, kind: str, chat: bool):
-    """Run the request and answer with one JSON object, or SSE chunks ending in [DONE]."""
-    stream = start_generation(request.model, request.prompt, request.sampling)
+    """Run the request's choices and answer with one JSON object, or SSE chunks ending in
+    [DONE]; chat replies go through the tool-call parser when the request offers tools."""
+    transform = ((lambda events: tool_events(reply_events(events), request.tools)) if chat
+                 else (lambda events: events))
+    choices = start_choice_generations(request.model, request.requests, transform)
     head = {"id": f"{id_prefix}-{g.request_id}", "object": kind, "created": int(time.time()),
-            "model": stream.started.model}
+            "model": choices.started[0].model}
+    shape = _ChatChoices(request) if chat else _CompletionChoices(request)
     if request.stream:
-        return relay(reply_events(stream) if chat else stream, stream.close,
-                     _wire(head, chat, request.include_usage))
-    finished = log_result(reply_finished(stream.collect()) if chat else stream.collect())
-    choice = ({"message": {"role": "assistant", "content": finished.text}} if chat
-              else {"text": finished.text})
-    return jsonify(**head, choices=[{"index": 0, **choice, "logprobs": None,
-                                     "finish_reason": finished.finish_reason}],
-                   usage=finished.usage.to_dict())
+        return relay(_with_totals(choices, request), choices.close,
+                     _wire(head, shape, request.include_usage, len(request.requests)))
+    finished = choices.collect()
+    totals = log_result(_totals(finished, request))
+    return jsonify(**head, choices=[{"index": index, **shape.whole(index, one)}
+                                    for index, one in enumerate(finished)],
+                   usage=totals.usage.to_dict())
 
 
-def _wire(head: dict, chat: bool, include_usage: bool) -> Wire:
-    """OpenAI's chunks: a chat stream opens with the assistant's role and sends deltas; every
-    stream that ends well ends with [DONE] (after an error event the stream just ends, and the
-    client raises that error)."""
-    if chat:
+def _totals(finished: list[Finished], request: OpenAIGeneration) -> Totals:
+    return Totals(total_usage(finished, request.n), "".join(one.text for one in finished))
+
+
+def _with_totals(choices, request: OpenAIGeneration) -> Iterator:
+    """The choices' (index, event) pairs, then the request's `Totals`."""
+    finished: dict[int, Finished] = {}
+    for index, event in choices:
+        if isinstance(event, Finished):
+            finished[index] = event
+        yield (index, event) if not isinstance(event, str) else event
+    yield _totals([finished[index] for index in sorted(finished)], request)
+
+
+class _ChatChoices:
+    """A chat choice whole (`whole`) or as chunk choices (`streamed`), in OpenAI's shapes."""
+
+    def __init__(self, request: OpenAIGeneration):
+        self.legacy, self.logprobs = request.legacy_functions, request.logprobs
+
+    def whole(self, index: int, finished: Finished) -> dict:
+        return {"message": chat_message(finished, self.legacy),
+                "logprobs": chat_logprobs(finished.logprobs) if self.logprobs else None,
+                "finish_reason": finish_reason(finished, self.legacy)}
+
+    def opening(self, index: int) -> dict:
+        return {"delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                "finish_reason": None}
+
+    def streamed(self, index: int, event: Token | ToolCalled | Finished) -> list[dict]:
+        if isinstance(event, Token):
+            logprobs = chat_logprobs(event.logprobs) if self.logprobs else None
+            return [{"delta": {"content": event.text}, "logprobs": logprobs,
+                     "finish_reason": None}]
+        if isinstance(event, ToolCalled):
+            return [{"delta": delta, "logprobs": None, "finish_reason": None}
+                    for delta in call_deltas(event, self.legacy)]
+        return [{"delta": {}, "logprobs": None,
+                 "finish_reason": finish_reason(event, self.legacy)}]
+
+
+class _CompletionChoices:
+    """A completion choice whole or streamed. With echo the prompt comes first (and, with
+    logprobs, its scored tokens), so a streamed echoed choice is sent in one chunk when it ends:
+    the prompt's scores exist only then."""
+
+    def __init__(self, request: OpenAIGeneration):
+        self.request = request
+        self.offsets: dict[int, int] = {}
+
+    def whole(self, index: int, finished: Finished) -> dict:
+        request = self.request
+        text, entries = finished.text, list(finished.logprobs)
+        if request.echo:
+            prompt = request.prompts[index // request.n]
+            text = prompt.text + text
+            entries = prompt.scored(finished.prompt_logprobs) + entries
+        return {"text": text,
+                "logprobs": completion_logprobs(entries, 0) if request.logprobs else None,
+                "finish_reason": finished.finish_reason}
+
+    def opening(self, index: int) -> None:
+        return None
+
+    def streamed(self, index: int, event: Token | Finished) -> list[dict]:
+        if isinstance(event, Finished):
+            whole = self.whole(index, event)
+            end = {"text": "", "logprobs": None, "finish_reason": whole["finish_reason"]}
+            return [{**whole, "finish_reason": None}, end] if self.request.echo else [end]
+        if self.request.echo:
+            return []
+        offset = self.offsets.get(index, 0)
+        self.offsets[index] = offset + len(event.text)
+        logprobs = (completion_logprobs(event.logprobs, offset) if self.request.logprobs
+                    else None)
+        return [{"text": event.text, "logprobs": logprobs, "finish_reason": None}]
+
+
+def _wire(head: dict, shape, include_usage: bool, count: int) -> Wire:
+    """OpenAI's chunks, each carrying its choice's index: a chat stream opens with each
+    choice's role; the request's usage (every choice) comes last when asked for; a stream that
+    ends well ends with [DONE] (after an error event the stream just ends, and the client raises
+    that error)."""
+    if isinstance(shape, _ChatChoices):
         head = {**head, "object": "chat.completion.chunk"}
 
-    def choice(text: str | None, finish_reason: str | None) -> dict:
-        if chat:
-            return {"delta": {} if text is None else {"content": text},
-                    "finish_reason": finish_reason}
-        return {"text": text or "", "finish_reason": finish_reason}
-
-    def shape(event: Token | Finished) -> list[dict]:
-        if isinstance(event, Token):
-            return [_chunk(head, choice(event.text, None), include_usage)]
-        last = [_chunk(head, choice(None, event.finish_reason), include_usage)]
+    def chunk(index: int, choice: dict) -> dict:
+        message = {**head, "choices": [{"index": index, **choice}]}
         if include_usage:
-            last.append({**head, "choices": [], "usage": event.usage.to_dict()})
-        return last
+            message["usage"] = None  # OpenAI: every chunk but the last carries "usage": null
+        return message
 
-    role = {"delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-    return Wire(shape, openai_error, opening=(_chunk(head, role, include_usage),) if chat else (),
-                closing=(SSEData("[DONE]"),))
+    def event(item) -> list[dict]:
+        if isinstance(item, Totals):
+            return [{**head, "choices": [], "usage": item.usage.to_dict()}] if include_usage else []
+        index, one = item
+        return [chunk(index, choice) for choice in shape.streamed(index, one)]
 
-
-def _chunk(head: dict, choice: dict, include_usage: bool) -> dict:
-    chunk = {**head, "choices": [{"index": 0, **choice, "logprobs": None}]}
-    if include_usage:
-        chunk["usage"] = None      # OpenAI: every chunk but the last carries "usage": null
-    return chunk
+    opening = tuple(chunk(index, shape.opening(index)) for index in range(count)
+                    if shape.opening(index) is not None)
+    return Wire(event, openai_error, opening=opening, closing=(SSEData("[DONE]"),))
 
 
 def _model(info: dict) -> dict:

@@ -34,7 +34,8 @@ class Wire:
     result), a DeepSeek progress event. `error(payload, status)`: the last message after a
     failure. `opening` goes first; `closing` last, only when the stream ended well. A heartbeat
     (a str event) is an SSE comment, which clients ignore. `log_text` puts the reply's text on
-    the access-log line (LOG_PROMPTS).
+    the access-log line (LOG_PROMPTS). `named_events`: each SSE message gets an `event:` line
+    with its "type" (OpenAI Responses' streams name their events).
     """
 
     event: Callable[[Any], Iterable[Any]]
@@ -43,6 +44,7 @@ class Wire:
     opening: tuple = ()
     closing: tuple = ()
     log_text: bool = False
+    named_events: bool = False
 
 
 def relay(events: Iterable, close: Callable[[], None], wire: Wire) -> Response:
@@ -82,7 +84,8 @@ class _Relay:
         self._events, self._close, self._wire, self._fields = events, close, wire, fields
         self._request_id, self._errors_log = request_id, errors_log
         self._ran = False
-        self._encode = _ndjson_line if wire.ndjson else _sse_event
+        self._encode = (_ndjson_line if wire.ndjson else
+                        _named_sse_event if wire.named_events else _sse_event)
 
     def lines(self) -> Iterator[str]:
         """The reply's text. The server closes this generator when the client goes away, which
@@ -131,6 +134,12 @@ def _sse_event(message: dict | str) -> str:
     if isinstance(message, str):
         return f": {message}\n\n"
     return f"data: {json.dumps(message, ensure_ascii=False)}\n\n"
+
+
+def _named_sse_event(message: dict | str) -> str:
+    if isinstance(message, dict) and isinstance(message.get("type"), str):
+        return f"event: {message['type']}\n" + _sse_event(message)
+    return _sse_event(message)
 
 
 def _ndjson_line(message: dict) -> str:

@@ -15,6 +15,7 @@ so a restart does not try a file again and a changed file is tried anew.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -234,6 +235,71 @@ class ModelManager:
         else:
             self._models[name] = model
 
+    def copy(self, source: str, destination: str) -> ModelFile:
+        """A new model `destination` with the bytes of model `source`, served at once: the
+        same bytes (same sha256) keep the source's trial result, so no trial runs again. A hard
+        link where the filesystem allows it, else a copy into a locked temp file; either way the
+        file appears under its name in one step that never replaces an existing file (another
+        process sharing the directory included), and the registry is written after it: on any
+        failure (a full disk) neither file nor entry is left.
+
+        :raise ModelNotFound, ModelOnTrial, ModelUnusable: the source cannot be served.
+        :raise InvalidRequest: `destination` is not a valid model name.
+        :raise ModelConflict: a model named `destination` exists.
+        :raise InsufficientStorage: the disk filled; nothing was kept.
+        """
+        model = self.check_servable(self.find(source))
+        name = model_file_name(destination)
+        target = self.models_dir / name
+        if target.exists():
+            raise _exists(name)
+        with self._lock:
+            try:
+                os.link(model.path, target)
+            except FileExistsError:
+                raise _exists(name) from None
+            except OSError as exc:
+                if exc.errno not in _NO_LINK:
+                    raise
+            else:
+                return self._register_copy(target, model.sha256, model)
+        return self._copy_bytes(model, target)
+
+    def _copy_bytes(self, model: ModelFile, target: Path) -> ModelFile:
+        """The copy where no hard link can be made: written and hashed into a locked temp file
+        (a full disk is InsufficientStorage, the temp file gone), tried unless its sha256 is one
+        already tried, then linked under its name (never over an existing file)."""
+        incoming = self.new_upload()
+        try:
+            with open(model.path, "rb") as source:
+                for block in iter(lambda: source.read(1 << 20), b""):
+                    incoming.write(block)
+            incoming.close()
+            self._try_now(incoming.path, incoming.sha256)
+            with self._lock:
+                try:
+                    os.link(incoming.path, target)
+                except FileExistsError:
+                    raise _exists(target.name) from None
+                return self._register_copy(target, incoming.sha256, model)
+        finally:
+            incoming.discard()
+
+    def _register_copy(self, target: Path, sha256: str, source: ModelFile) -> ModelFile:
+        """Record a copy just linked into place; if models_list.json cannot be written, the
+        file goes again and the error raises. Lock held."""
+        try:
+            meta = read_gguf(str(target)).metadata
+            model = replace(describe_gguf(target, self.model_type, "copy", sha256, meta),
+                            status=source.status, trial_version=TRIAL_VERSION,
+                            unusable_reason=source.unusable_reason)
+            self._commit({model.name: model}, lambda: None)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        log.info("copied %s to %s", source.name, model.name)
+        return model
+
     def remove(self, name: str) -> ModelFile:
         """Delete a model's file and entry. A registry that cannot be written (a full disk) is
         logged, not raised: the file is gone, and the next listing drops its stale entry.
@@ -426,6 +492,15 @@ class ModelManager:
             uploads = list(self._uploads)
         for upload in uploads:
             upload.discard()
+
+
+# os.link's failures that mean "no hard link here" (another filesystem, or one without links).
+_NO_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def _exists(name: str) -> ModelConflict:
+    return ModelConflict(f"model {name} exists; a copy does not replace a model: delete it "
+                         f"first or pick another name")
 
 
 def servable_check(managers: Iterable[ModelManager]) -> Callable[[str], None]:

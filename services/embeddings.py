@@ -70,14 +70,58 @@ def _pooling(path: str) -> int:
 
 
 def check_inputs(inputs: Any) -> list[str]:
-    """:raise InvalidRequest: not a string or a non-empty list of at most MAX_INPUTS strings."""
+    """:raise InvalidRequest: not a string or a non-empty list of at most MAX_INPUTS strings.
+
+    Token ids get their own message: they come from a client that tokenized the text with
+    OpenAI's tokenizer (LangChain's OpenAIEmbeddings does by default), so they are other
+    tokens, or none, to this model; embedding them would return vectors of the wrong text.
+    """
     if isinstance(inputs, str):
         return [inputs]
+    if _token_ids(inputs):
+        raise InvalidRequest(
+            "input holds token ids; they are ids of the client's tokenizer (OpenAI's tiktoken), "
+            "not of this model's, so send the texts instead. LangChain: OpenAIEmbeddings("
+            "check_embedding_ctx_length=False, ...) sends the texts", param="input")
     if (not isinstance(inputs, list) or not inputs or len(inputs) > MAX_INPUTS
             or not all(isinstance(text, str) for text in inputs)):
         raise InvalidRequest(f"input must be a string or a list of 1 to {MAX_INPUTS} strings",
                              param="input")
     return inputs
+
+
+def _token_ids(value: Any) -> bool:
+    """A list of ints (the ids of one text), or a list of such lists."""
+    if not isinstance(value, list) or not value:
+        return False
+    if all(isinstance(item, list) for item in value):
+        return all(_ids(item) for item in value)
+    return _ids(value)
+
+
+def _ids(value: list) -> bool:
+    return bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def shorten(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:
+    """Each vector cut to its first `dimensions` values and normalised again, as OpenAI's
+    `dimensions` does (meaningful for models trained for it; for others it is what the client
+    asked for all the same).
+
+    :raise InvalidRequest: more dimensions than the model's vectors have.
+    """
+    if dimensions is None or not vectors:
+        return vectors
+    size = len(vectors[0])
+    if dimensions > size:
+        raise InvalidRequest(f"dimensions must be at most {size}, this model's embedding size",
+                             param="dimensions")
+    shortened = []
+    for vector in vectors:
+        head = vector[:dimensions]
+        norm = sum(x * x for x in head) ** 0.5
+        shortened.append([x / norm for x in head] if norm else head)
+    return shortened
 
 
 class EmbeddingService:

@@ -97,7 +97,7 @@ class _SequenceEvents:
         self._events.put(Started(self._model, len(sequence.tokens), self._job.queue_seconds * 1000))
 
     def text(self, sequence: EngineSequence, piece: str) -> None:
-        self._events.put(Token(piece))
+        self._events.put(Token(piece, sequence.piece_logprobs))
 
     def ended(self, sequence: EngineSequence, error: BaseException | None) -> None:
         job, now = self._job, time.monotonic()
@@ -121,7 +121,10 @@ class _SequenceEvents:
                             if generation_seconds else 0.0,
                             load_ms=self._load_seconds * 1000,
                             prompt_ms=(sequence.first_token_at - job.started_at) * 1000
-                            if sequence.first_token_at else generation_seconds * 1000)))
+                            if sequence.first_token_at else generation_seconds * 1000),
+            logprobs=tuple(sequence.logprobs),
+            prompt_logprobs=tuple(sequence.prompt_logprobs)
+            if sequence.params.prompt_logprobs else ()))
         job.end(SUCCEEDED)
 
 
@@ -185,20 +188,22 @@ class LLMService:
         """On a worker: the engine, the prompt's tokens, every check that can refuse the input
         (so a streamed reply has not begun when it does); then the engine takes over."""
         try:
-            engine, load_seconds = self.pool.engine(
-                model.name, model.path,
-                lambda cells: estimate_load(model.size_bytes, model.kv_bytes_per_token, cells),
-                n_ctx)
-            job.loaded(load_seconds)
-            job.check_waiting()
-            tokens, sampling = prepare_prompt(
-                engine.llm, prompt, sampling, functools.partial(self.templates.render,
-                                                                check=job.check))
-            check_fits(len(tokens), sampling.max_tokens, engine.settings.n_ctx)
-            check_grammar(engine.vocab, sampling.grammar)
-            events = _SequenceEvents(self, job, model.name, received_at, load_seconds)
-            job.hand_off()
-            engine.submit(EngineSequence(tokens, sampling, engine.settings.n_ctx, job, events))
+            # Leased until submitted: no keep-alive deadline unloads the engine in between.
+            with self.pool.lease(
+                    model.name, model.path,
+                    lambda cells: estimate_load(model.size_bytes, model.kv_bytes_per_token, cells),
+                    n_ctx) as (engine, load_seconds):
+                job.loaded(load_seconds)
+                job.check_waiting()
+                tokens, sampling = prepare_prompt(
+                    engine.llm, prompt, sampling, functools.partial(self.templates.render,
+                                                                    check=job.check))
+                check_fits(len(tokens), sampling.max_tokens, engine.settings.n_ctx)
+                check_grammar(engine.vocab, sampling.grammar, sampling.grammar_triggers)
+                events = _SequenceEvents(self, job, model.name, received_at, load_seconds)
+                job.hand_off()
+                engine.submit(EngineSequence(tokens, sampling, engine.settings.n_ctx, job,
+                                             events))
         except BaseException as exc:
             self.stats.record(model.name, False, 0, 0, job.queue_seconds, 0.0)
             job.events.put(exc)
@@ -240,7 +245,8 @@ def build_prompt(prompt: str, system: str | None) -> str:
 
 def check_fits(prompt_tokens: int, max_tokens: int | None, n_ctx: int) -> None:
     """:raise ContextOverflow: prompt and completion together exceed the context window (with no
-    max_tokens, the prompt leaves no room for a single token)."""
+    max_tokens, the prompt leaves no room for a single token; max_tokens 0, scoring the prompt
+    only, needs room for the prompt alone)."""
     if max_tokens is None and prompt_tokens >= n_ctx:
         raise ContextOverflow(
             f"the prompt is {prompt_tokens} tokens: it leaves no room to answer in the model's "

@@ -49,6 +49,23 @@ class ModelAdmin:
         self.pool.evict(model.name)
         return self._describe(model)
 
+    def copy(self, source: str, destination: str, model_type: str | None = None) -> dict:
+        """A copy of a model under a new name in the same directory, served at once (same bytes,
+        same trial result; see ModelManager.copy). An existing destination is never replaced.
+
+        :raise ModelNotFound, ModelOnTrial, ModelUnusable, ModelConflict, InsufficientStorage:
+        :raise InvalidRequest: (param "destination") not a valid model name.
+        """
+        manager = self._manager_holding(source, model_type)
+        if len(destination) > 256:          # not echoed back: it could be megabytes
+            raise InvalidRequest("invalid model name: at most 128 characters",
+                                 param="destination")
+        try:
+            model_file_name(destination)
+        except InvalidRequest as exc:
+            raise InvalidRequest(exc.message, param="destination") from None
+        return self._describe(manager.copy(source, destination))
+
     def remove(self, name: str, model_type: str | None = None) -> dict:
         """Delete a model; running generations finish on the old file, then its instances go.
 

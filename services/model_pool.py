@@ -6,6 +6,11 @@ its one context, driven by the engine's thread. `checkout` lends an instance of 
 embedding context) to one caller and takes it back in `finally`, whatever happens; instances are
 created lazily, up to MODEL_POOL_SIZE per variant. Names follow Ollama's scheduler: `load`,
 `evict`, `loaded_models`.
+
+A model may be given a deadline (`expire_at`: Ollama's keep_alive, later an idle timeout): a
+timer thread, started with the first deadline, unloads it once the deadline has passed and
+nothing of it is in use. Any new use of the model clears its deadline; the request that set it
+sets it again when it ends.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ log = logging.getLogger(__name__)
 Loader = Callable[..., Any]
 # The engine settings for requests of n_ctx tokens (None: N_CTX).
 EngineSettingsFor = Callable[["int | None"], EngineSettings]
+
+# How often a model whose deadline has passed is looked at again while it is still in use.
+EXPIRY_RECHECK = 0.25
 
 # Instances of one file loaded differently (with embeddings on, say) are pooled under the
 # model's name, this mark and the variant, so evicting the model evicts them too.
@@ -120,6 +128,12 @@ class _Engine:
     engine: BatchEngine | None = None
     last_used: float = field(default_factory=time.time)
     load_seconds: float = 0.0
+    leases: int = 0                    # requests holding it through lease()
+
+    def in_use(self) -> bool:
+        """Loading, decoding, holding queued sequences, or leased to a request still preparing
+        its sequence (a deadline must not unload it from under that request)."""
+        return self.engine is None or self.leases > 0 or self.engine.busy
 
 
 @dataclass(eq=False)
@@ -157,18 +171,34 @@ class ModelPool:
         self._slots: dict[str, _Slot] = {}
         self._engines: dict[tuple[str, int | None], _Engine] = {}
         self._closed = False
+        # Unload deadlines (time.time()) by model name, and the thread that keeps them.
+        self._deadlines: dict[str, float] = {}
+        self._expiry_thread: threading.Thread | None = None
         # For /cache/status and /metrics: checkouts served by an idle instance or by a load,
         # and instances unloaded by evict() or a changed file.
         self._counts = {"hits": 0, "misses": 0, "evictions": 0}
 
-    def engine(self, name: str, path: str, cost: Callable[[int], LoadCost] | None = None,
-               n_ctx: int | None = None) -> tuple[BatchEngine, float]:
+    @contextmanager
+    def lease(self, name: str, path: str, cost: Callable[[int], LoadCost] | None = None,
+              n_ctx: int | None = None) -> Iterator[tuple[BatchEngine, float]]:
         """The engine of `name` (loaded from `path`) for requests of `n_ctx` tokens, loading it
-        on first use (other callers wait for that load); and the seconds this call spent loading
-        or waiting for a load. `cost(kv_cells)` is checked against available memory first.
+        on first use (other callers wait for that load); and the seconds spent loading or
+        waiting for a load. `cost(kv_cells)` is checked against available memory first. The
+        caller submits its sequence inside the block: until the block ends the engine counts
+        as in use, so no deadline unloads it in between.
 
         :raise InsufficientMemory, ModelLoadError, ShuttingDown:
         """
+        entry, seconds = self._hand_out(name, path, cost, n_ctx)
+        try:
+            yield entry.engine, seconds
+        finally:
+            with self._changed:
+                entry.leases -= 1
+                self._changed.notify_all()
+
+    def _hand_out(self, name: str, path: str, cost: Callable[[int], LoadCost] | None,
+                  n_ctx: int | None) -> tuple[_Engine, float]:
         key, started = (name, n_ctx), time.monotonic()
         with self._changed:
             while True:
@@ -184,11 +214,17 @@ class ModelPool:
                     break
                 if entry.engine is not None:
                     self._counts["hits"] += 1
-                    entry.last_used = time.time()
-                    return entry.engine, time.monotonic() - started
+                    self._handed(name, entry)
+                    return entry, time.monotonic() - started
                 self._changed.wait(0.25)
         self._load_engine(key, entry, cost)
-        return entry.engine, time.monotonic() - started
+        return entry, time.monotonic() - started
+
+    def _handed(self, name: str, entry: _Engine) -> None:
+        """An engine goes to a request (lock held): a new use clears the model's deadline."""
+        entry.last_used = time.time()
+        entry.leases += 1
+        self._deadlines.pop(name, None)
 
     def _load_engine(self, key: tuple[str, int | None], entry: _Engine,
                      cost: Callable[[int], LoadCost] | None) -> None:
@@ -221,7 +257,7 @@ class ModelPool:
             raise
         with self._changed:
             entry.engine, entry.load_seconds = engine, time.monotonic() - started
-            entry.last_used = time.time()
+            self._handed(name, entry)
             self._changed.notify_all()
         log.info("loaded %s in %.2f s: %d slots, %d KV cells", name, entry.load_seconds,
                  settings.slots, settings.kv_cells)
@@ -265,6 +301,7 @@ class ModelPool:
                 if self._closed:
                     raise ShuttingDown("the model pool is closed")
                 slot = self._current_slot(name, path)
+                self._deadlines.pop(model_of(name), None)
                 if slot.idle:
                     on_reserve()
                     self._counts["hits"] += 1
@@ -340,17 +377,85 @@ class ModelPool:
 
     def evict(self, name: str, n_ctx: int | None = None) -> int:
         """Unload `name`: its engines (only the one for `n_ctx` requests when given) and, with
-        no `n_ctx`, its pooled variants; idle ones close now, busy ones when they finish; count
-        closed now."""
+        no `n_ctx`, its pooled variants and its deadline; idle ones close now, busy ones when
+        they finish; count closed now."""
         with self._changed:
-            variants = [] if n_ctx is not None else [
-                key for key in self._slots if model_of(key) == name]
-            idle = [instance for key in variants for instance in self._retire(key)]
-            engines = sum(self._retire_engine(key) for key in list(self._engines)
-                          if key[0] == name and (n_ctx is None or key[1] == n_ctx))
+            idle, engines = self._detach(name, n_ctx)
         for instance in idle:
             close_instance(instance)
         return len(idle) + engines
+
+    def _detach(self, name: str, n_ctx: int | None = None) -> tuple[list, int]:
+        """Retire `name`'s engines and variants (lock held): the idle instances to close, and
+        the count of engines that close now."""
+        if n_ctx is None:
+            self._deadlines.pop(name, None)
+        variants = [] if n_ctx is not None else [
+            key for key in self._slots if model_of(key) == name]
+        idle = [instance for key in variants for instance in self._retire(key)]
+        engines = sum(self._retire_engine(key) for key in list(self._engines)
+                      if key[0] == name and (n_ctx is None or key[1] == n_ctx))
+        return idle, engines
+
+    # -- deadlines (keep_alive) ---------------------------------------------------------------
+
+    def expire_at(self, name: str, deadline: float | None) -> None:
+        """Unload model `name` once `deadline` (time.time()) has passed and nothing of it is
+        in use (postponed while it is); None keeps it loaded until evicted. A deadline already
+        passed unloads it now if it is idle. Any later use of the model clears the deadline."""
+        with self._changed:
+            if self._closed:
+                return
+            if deadline is None:
+                self._deadlines.pop(name, None)
+            else:
+                self._deadlines[name] = deadline
+                if self._expiry_thread is None:
+                    self._expiry_thread = threading.Thread(
+                        target=self._expire_loop, name="model-expiry", daemon=True)
+                    self._expiry_thread.start()
+            self._changed.notify_all()
+            idle = self._expire_due(time.time())[0] if deadline is not None else []
+        for instance in idle:
+            close_instance(instance)
+
+    def expires_at(self, name: str) -> float | None:
+        """When model `name` is due to be unloaded (time.time()); None: not before evicted."""
+        with self._lock:
+            return self._deadlines.get(name)
+
+    def _expire_loop(self) -> None:
+        """The timer: sleeps until the next deadline (or a change), unloads what is due."""
+        while True:
+            with self._changed:
+                if self._closed:
+                    return
+                idle, wait = self._expire_due(time.time())
+                if not idle:
+                    self._changed.wait(wait)
+                    continue
+            for instance in idle:
+                close_instance(instance)
+
+    def _expire_due(self, now: float) -> tuple[list, float | None]:
+        """Unload (lock held) every model whose deadline has passed and that is idle; the idle
+        instances to close, and how long to sleep before looking again (None: until woken)."""
+        idle, waits = [], []
+        for name, deadline in list(self._deadlines.items()):
+            if deadline > now:
+                waits.append(deadline - now)
+            elif self._in_use(name):
+                waits.append(EXPIRY_RECHECK)
+            else:
+                log.info("unloading %s: its keep-alive deadline passed", name)
+                idle += self._detach(name)[0]
+        return idle, min(waits, default=None)
+
+    def _in_use(self, name: str) -> bool:
+        """Whether anything of model `name` is loading or working (lock held)."""
+        return (any(entry.in_use() for key, entry in self._engines.items() if key[0] == name)
+                or any(slot.busy or slot.loading for key, slot in self._slots.items()
+                       if model_of(key) == name))
 
     def cache_counts(self) -> dict[str, int]:
         """Hits, misses and evictions since start-up."""
@@ -403,6 +508,11 @@ class ModelPool:
             idle = [instance for key in keys for instance in self._retire(key)]
             engines = [entry.engine for entry in self._engines.values() if entry.engine]
             self._engines.clear()
+            self._deadlines.clear()
+            timer, self._expiry_thread = self._expiry_thread, None
+            self._changed.notify_all()
+        if timer is not None and timer is not threading.current_thread():
+            timer.join()
         for engine in engines:
             engine.close()
         for instance in idle:

@@ -22,8 +22,19 @@ class SamplingParams:
     seed: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    # GBNF text the output must match (JSON mode); built into a grammar sampler by the engine.
+    typical_p: float = 1.0          # locally typical sampling; 1 = off
+    # GBNF text the output must match (JSON mode, tool calls); built into a grammar sampler by
+    # the engine. With `grammar_triggers` the grammar is lazy: the output is free until one of
+    # these strings appears, and constrained from that string on (a tool call that `auto` lets
+    # the model start).
     grammar: str | None = None
+    grammar_triggers: tuple[str, ...] = ()
+    # Log probabilities: None = off; k >= 0 = each generated token's own logprob and its k
+    # likeliest alternatives (Token.logprobs, Finished.logprobs).
+    logprobs: int | None = None
+    # Score the prompt too (completions' echo with logprobs): Finished.prompt_logprobs holds
+    # each prompt token's logprob given the tokens before it (None for the first).
+    prompt_logprobs: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,17 +70,60 @@ class Started:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    """One candidate token at a position: its text, log probability and UTF-8 bytes."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated (or prompt) token's log probability under the model's raw distribution
+    (before temperature and truncation), and its `top` likeliest alternatives, likeliest first."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class Token:
     text: str
+    # The tokens this text came from, when the request asked for logprobs (a piece held back
+    # for a stop string carries its tokens when it is sent).
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made: `arguments` is JSON text, as OpenAI sends it."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class ToolCalled:
+    """A stream event: the model finished writing a tool call (the `index`-th of its reply)."""
+
+    index: int
+    call: ToolCall
 
 
 @dataclass(frozen=True)
 class Finished:
     model: str
     text: str
-    finish_reason: str
+    finish_reason: str          # stop, length, or tool_calls
     usage: Usage
     timings: Timings
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -85,27 +85,46 @@ def model_registry(model_file, tmp_path_factory) -> str:
     return json.dumps(registry)
 
 
+def build_test_app(root: Path, model_file: Path, model_registry: str, loader=None, **settings):
+    """An app with the test settings, its directories under `root`; its models directory holds
+    the default model and its registry (unless `MODELS_DIR` is given)."""
+    if "MODELS_DIR" not in settings:
+        models_dir = root / "models"
+        models_dir.mkdir(parents=True)
+        os.symlink(model_file, models_dir / MODEL_NAME)
+        (models_dir / REGISTRY_FILE).write_text(model_registry)
+        settings["MODELS_DIR"] = str(models_dir)
+    config = {"APP_ENV": "testing", "DEEPSEEK_MODELS_DIR": str(root / "deepseek"),
+              "LOG_DIR": str(root / "logs"), "N_CTX": TEST_N_CTX, "MODEL_POOL_SIZE": 2,
+              "MAX_WORKERS": 2, **settings}
+    return create_app(config, loader=loader)
+
+
 @pytest.fixture
 def make_app(tmp_path, model_file, model_registry):
     """Build apps with test settings; each is closed (workers, instances, logs) afterwards."""
     apps = []
 
     def build(loader=None, **settings):
-        models_dir = tmp_path / f"models{len(apps)}"
-        models_dir.mkdir()
-        os.symlink(model_file, models_dir / MODEL_NAME)
-        (models_dir / REGISTRY_FILE).write_text(model_registry)
-        config = {"APP_ENV": "testing", "MODELS_DIR": str(models_dir),
-                  "DEEPSEEK_MODELS_DIR": str(tmp_path / f"deepseek{len(apps)}"),
-                  "LOG_DIR": str(tmp_path / f"logs{len(apps)}"), "N_CTX": TEST_N_CTX,
-                  "MODEL_POOL_SIZE": 2, "MAX_WORKERS": 2, **settings}
-        app = create_app(config, loader=loader)
+        app = build_test_app(tmp_path / f"app{len(apps)}", model_file, model_registry, loader,
+                             **settings)
         apps.append(app)
         return app
 
     yield build
     for app in apps:
         app.extensions["llm"].close()
+
+
+@pytest.fixture(scope="module")
+def module_server(tmp_path_factory, model_file, model_registry):
+    """One live server (default test settings) shared by the tests of a module that leave it as
+    they found it: the model loads once per module, not once per test."""
+    app = build_test_app(tmp_path_factory.mktemp("module-server"), model_file, model_registry)
+    server = LiveServer(app)
+    yield server
+    server.stop()
+    app.extensions["llm"].close()
 
 
 @pytest.fixture

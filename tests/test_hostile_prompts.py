@@ -167,7 +167,7 @@ BAD_BODIES = [
     ("/v1/completions", {"prompt": [2, -1]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [2, True]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [2, 651.0]}, 400, "prompt"),
-    ("/v1/completions", {"prompt": [[2, 651], [2, 651]]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [[2, 651]] * 9}, 400, "prompt"),   # over 8 choices
     ("/v1/completions", {"prompt": [[2, GEMMA_VOCAB + 5]]}, 400, "prompt"),
     ("/v1/completions", {"prompt": []}, 400, "prompt"),
     ("/v1/completions", {"prompt": [2, 651, GEMMA_VOCAB], "stream": True}, 400, "prompt"),

@@ -131,7 +131,7 @@ def test_json_schema_output_parses_and_matches(live):
 
 
 @pytest.mark.parametrize("bad, param", [
-    ({"n": 2}, "n"),
+    ({"n": 9}, "n"),                      # more choices than the bound (8)
     ({"temperature": 5}, "temperature"),
     ({"extra_body": {"max_token": 3}}, "max_token"),
     ({"response_format": {"type": "xml"}}, "response_format"),

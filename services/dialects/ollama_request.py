@@ -5,10 +5,15 @@ Ollama names models `name:tag`; here a model file `gemma-3-270m-q4_k_m.gguf` is
 sampling parameters as every other API, with Ollama's defaults. Options that tune the runtime
 rather than the output (num_ctx, num_thread, …) are accepted and have no effect here, as the
 server's own settings decide them; other unknown options are refused rather than ignored.
+
+`keep_alive` is Ollama's: a number of seconds or a Go-style duration ("30s", "5m", "1h30m"); 0
+unloads the model once the request is done, a negative value keeps it loaded until evicted.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -16,6 +21,7 @@ from services.dialects import sampling_fields as f
 from services.dialects.chat import ChatMessage, ChatPrompt, parse_messages
 from services.dialects.json_mode import any_json_object, schema_grammar
 from services.dialects.params import Param, empty, never, parse_params
+from services.dialects.tools import ToolSpec, parse_tools
 from services.errors import InvalidRequest
 from services.types import Prompt, SamplingParams
 
@@ -42,6 +48,18 @@ RUNTIME_OPTIONS = ("num_ctx", "num_batch", "num_gpu", "main_gpu", "num_thread", 
                    "use_mmap", "use_mlock", "numa", "low_vram", "vocab_only", "logits_all",
                    "embedding_only")
 
+# keep_alive: a request's own deadline for its model. Longer than this is refused (a typo, or a
+# deadline no clock can show); a negative value is Ollama's "forever".
+MAX_KEEP_ALIVE = 10 * 365 * 86400.0
+FOREVER = math.inf
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0,
+                 "m": 60.0, "h": 3600.0}
+_DURATION = re.compile(r"^([+-]?)((?:\d+(?:\.\d*)?|\.\d+)(?:ns|us|µs|μs|ms|s|m|h))+$")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+_KEEP_ALIVE_HELP = ('how long the model stays loaded after this request: seconds, or a duration '
+                    'such as "30s", "5m", "1h"; 0 unloads it when the request is done, negative '
+                    "keeps it until evicted; omitted: loaded until evicted")
+
 _COMMON = (
     Param("model", "string", None, "model name from GET /api/tags (default model if omitted)"),
     Param("format", "string or object", None, '"json", or a JSON Schema: output constrained to '
@@ -49,7 +67,7 @@ _COMMON = (
     Param("options", "object", None, "sampling options (options.* below); runtime options ("
           "num_ctx, num_thread, …) are accepted and left to the server's settings"),
     Param("stream", "boolean", True, "stream NDJSON lines (the default); false for one object"),
-    Param("keep_alive", "string or number", None, "accepted; instances stay loaded until evicted"),
+    Param("keep_alive", "string or number", None, _KEEP_ALIVE_HELP),
     Param("think", "boolean", False, "only false", empty),
     Param("logprobs", "boolean", False, "only false", empty),
     Param("top_logprobs", "integer", None, "not supported", never),
@@ -68,15 +86,36 @@ CHAT_PARAMS: tuple[Param, ...] = (
     *_COMMON,
     Param("messages", "array", [], "the conversation, [{role, content}]; empty only reports the "
           "model as loaded"),
-    Param("tools", "array", None, "not supported (only empty)", empty),
+    Param("tools", "array", None, "functions the model may call ([{type: function, function: "
+          "{name, description, parameters}}]); calls come back in message.tool_calls"),
 )
 EMBED_PARAMS: tuple[Param, ...] = (
     Param("model", "string", None, "model name (default model if omitted)"),
     Param("input", "string or array", None, "a text or a list of texts (required)", required=True),
     Param("truncate", "boolean", True, "cut inputs longer than the context instead of refusing"),
     Param("options", "object", None, "accepted, not used"),
-    Param("keep_alive", "string or number", None, "accepted, not used"),
+    Param("keep_alive", "string or number", None, _KEEP_ALIVE_HELP),
     Param("dimensions", "integer", None, "not supported", never),
+)
+# The older /api/embeddings: one text, one vector.
+EMBEDDINGS_PARAMS: tuple[Param, ...] = (
+    Param("model", "string", None, "model name (default model if omitted)"),
+    Param("prompt", "string", "", "the text to embed; empty gives an empty vector"),
+    Param("options", "object", None, "accepted, not used"),
+    Param("keep_alive", "string or number", None, _KEEP_ALIVE_HELP),
+)
+PULL_PARAMS: tuple[Param, ...] = (
+    Param("model", "string", None, "model name (required); only models already here"),
+    Param("name", "string", None, "older name of model"),
+    Param("stream", "boolean", True, "stream NDJSON status lines (the default); false for one"),
+    Param("insecure", "boolean", False, "accepted, not used"),
+    Param("username", "string", None, "accepted, not used"),
+    Param("password", "string", None, "accepted, not used"),
+)
+COPY_PARAMS: tuple[Param, ...] = (
+    Param("source", "string", None, "the model to copy", required=True),
+    Param("destination", "string", None, "the new name (letters, digits, '.', '_', '-'); an "
+          "existing model is not replaced (409)", required=True),
 )
 MODEL_PARAMS: tuple[Param, ...] = (
     Param("model", "string", None, "model name (required)"),
@@ -94,6 +133,8 @@ class OllamaGeneration:
     sampling: SamplingParams
     stream: bool
     chat: bool
+    keep_alive: float | None = None        # seconds; FOREVER; None: not given
+    tools: ToolSpec | None = None
 
 
 def model_name(name: str | None) -> str | None:
@@ -122,17 +163,89 @@ def parse_generate(body: Any, n_ctx: int) -> OllamaGeneration:
 
 
 def parse_chat(body: Any, n_ctx: int) -> OllamaGeneration:
-    """:raise InvalidRequest: not a chat request this server can run."""
+    """Ollama has no tool_choice: with tools the model may answer or call (OpenAI's "auto").
+
+    :raise InvalidRequest: not a chat request this server can run.
+    """
     values = parse_params(body, CHAT_PARAMS)
-    prompt = ChatPrompt(parse_messages(values["messages"])) if values["messages"] else None
-    return _generation(values, prompt, n_ctx, chat=True)
+    spec = parse_tools(values["tools"], param="tools") if values["tools"] else None
+    prompt = (ChatPrompt(parse_messages(values["messages"]), tools=spec)
+              if values["messages"] else None)
+    request = _generation(values, prompt, n_ctx, chat=True)
+    if spec is None:
+        return request
+    return replace(request, sampling=spec.sampling(request.sampling), tools=spec)
 
 
 def parse_embed(body: Any) -> dict:
     """:raise InvalidRequest: not an embed request."""
     values = parse_params(body, EMBED_PARAMS)
     return {"model": model_name(values["model"]), "input": values["input"],
-            "truncate": values["truncate"]}
+            "truncate": values["truncate"], "keep_alive": keep_alive(values["keep_alive"])}
+
+
+def parse_embeddings(body: Any) -> dict:
+    """:raise InvalidRequest: not a legacy embeddings request."""
+    values = parse_params(body, EMBEDDINGS_PARAMS)
+    return {"model": model_name(values["model"]), "prompt": values["prompt"],
+            "keep_alive": keep_alive(values["keep_alive"])}
+
+
+def parse_pull(body: Any) -> tuple[str, bool]:
+    """The model a pull names, and whether to stream. :raise InvalidRequest: it names none."""
+    values = parse_params(body, PULL_PARAMS)
+    name = values["model"] or values["name"]
+    if not name:
+        raise InvalidRequest("model is required", param="model")
+    return model_name(name), values["stream"]
+
+
+def parse_copy(body: Any) -> tuple[str, str]:
+    """(source, destination) as our model names. :raise InvalidRequest:"""
+    values = parse_params(body, COPY_PARAMS)
+    return model_name(values["source"]), model_name(values["destination"])
+
+
+def keep_alive(value: str | int | float | None) -> float | None:
+    """Ollama's keep_alive in seconds: None when not given, FOREVER when negative.
+
+    :raise InvalidRequest: not a number or a duration, or longer than MAX_KEEP_ALIVE.
+    """
+    if value is None:
+        return None
+    seconds = _duration_seconds(value)
+    if seconds is None or math.isnan(seconds):
+        raise InvalidRequest(f"keep_alive must be a number of seconds or a duration such as "
+                             f'"30s", "5m" or "1h" (negative: until evicted), got {value!r:.40}',
+                             param="keep_alive")
+    if seconds < 0:
+        return FOREVER
+    if seconds > MAX_KEEP_ALIVE:
+        raise InvalidRequest(f"keep_alive must be at most {int(MAX_KEEP_ALIVE)} seconds (ten "
+                             f"years); a negative value keeps the model loaded until evicted",
+                             param="keep_alive")
+    return seconds
+
+
+def _duration_seconds(value: str | int | float) -> float | None:
+    """A number is seconds; a string is a number of seconds or a Go duration ("1h30m")."""
+    if not isinstance(value, str):
+        try:
+            return float(value) if math.isfinite(value) else None
+        except OverflowError:          # an integer no float holds
+            return None
+    text = value.strip()
+    if len(text) > 64:
+        return None
+    try:
+        return float(text) if math.isfinite(float(text)) else None
+    except ValueError:
+        pass
+    if not _DURATION.match(text):
+        return None
+    total = sum(float(number) * _UNIT_SECONDS[unit]
+                for number, unit in _DURATION_PART.findall(text))
+    return -total if text.startswith("-") else total
 
 
 def parse_model(body: Any) -> str:
@@ -150,7 +263,7 @@ def parse_model(body: Any) -> str:
 def _generation(values: dict, prompt: Prompt | None, n_ctx: int, chat: bool) -> OllamaGeneration:
     return OllamaGeneration(model_name(values["model"]), prompt,
                             _sampling(values["options"] or {}, values["format"], n_ctx),
-                            values["stream"], chat)
+                            values["stream"], chat, keep_alive(values["keep_alive"]))
 
 
 def _sampling(options: dict, output_format: str | dict | None, n_ctx: int) -> SamplingParams:

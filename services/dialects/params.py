@@ -3,6 +3,10 @@
 A table row (`Param`) is a field's wire name, JSON type, default, doc text and check. The same
 table validates requests (`parse_params`) and is rendered on the docs page, so the two cannot
 drift. The sampling fields' rows come from `sampling_fields`, where each is defined once.
+
+A row may be `ignored`: a field another API defines that a client may send (bookkeeping such as
+OpenAI's `user`, or an option this server has nothing to do with). Its type is still checked, its
+value is not used, and the docs page says so (`ignored_param`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ class Param:
     help: str
     check: Check = lambda value: None
     required: bool = False
+    ignored: bool = False
+
+
+def ignored_param(name: str, kind: str, why: str, check: Check = lambda value: None) -> Param:
+    """A row for a field that is accepted and checked (type, and `check`) but not used; its doc
+    text says so (and why), so the docs page lists it as ignored."""
+    return Param(name, kind, None, f"ignored: {why}", check, ignored=True)
 
 
 def number_text(value: float) -> str:

@@ -69,6 +69,9 @@ TOP_K = Field("top_k", "integer", "sample among the k likeliest tokens, 0 = all"
               in_range(0, MAX_TOP_K))
 MIN_P = _ranged("min_p", "number", "drop tokens less likely than min_p times the likeliest "
                 "one, 0 = off", 0, 1)
+TYPICAL_P = _ranged("typical_p", "number", "locally typical sampling: keep the tokens closest to "
+                    "the expected surprise whose probabilities add up to typical_p, 1 = off",
+                    0, 1)
 REPEAT_PENALTY = _ranged("repeat_penalty", "number", "penalty for repeated tokens, 1 = none",
                          0, 10)
 PRESENCE_PENALTY = _ranged("presence_penalty", "number", "penalty for tokens already present",
@@ -80,7 +83,7 @@ STOP = Field("stop", "array of strings", "a string or a list of strings that end
 SEED = Field("seed", "integer", "sampling seed: same seed, same request, same output",
              "0 .. 2^32-1", in_range(0, MAX_SEED))
 
-FIELDS = {f.name: f for f in (MAX_TOKENS, TEMPERATURE, TOP_P, TOP_K, MIN_P, REPEAT_PENALTY,
+FIELDS = {f.name: f for f in (MAX_TOKENS, TEMPERATURE, TOP_P, TOP_K, MIN_P, TYPICAL_P, REPEAT_PENALTY,
                               PRESENCE_PENALTY, FREQUENCY_PENALTY, STOP, SEED)}
 
 

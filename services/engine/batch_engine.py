@@ -13,7 +13,11 @@ once per step for everybody. Each step the scheduler thread
 3. builds one batch: the pending token of every decoding sequence, then prompt chunks of the
    sequences still prefilling, up to N_BATCH tokens (a long prompt advances a chunk per step
    while the others keep streaming);
-4. decodes it, and samples each sequence that has logits with its own C sampler chain.
+4. decodes it, and samples each sequence that has logits with its own C sampler chain (after
+   reading the raw log probabilities of the row, for a request that asked for them).
+
+A request that scores its prompt (`prompt_logprobs`) is evaluated from position 0 with logits
+for every prompt row, a few rows per step: each row of logits is a vocabulary of floats.
 
 The context is touched by this thread only; callers talk to it through `submit`.
 """
@@ -30,11 +34,16 @@ from typing import Any, Callable
 
 import llama_cpp
 
+from services.engine.logprobs import Distribution, token_logprob
 from services.engine.sampler import SamplerChain
 from services.engine.sequence import Sequence, common_prefix
 from services.errors import DecodeFailed, ModelLoadError, ShuttingDown
 
 log = logging.getLogger(__name__)
+
+# Prompt rows with logits one step evaluates for a sequence scoring its prompt: llama.cpp keeps
+# a vocabulary of floats per row (1 MB for Gemma's 262,144 tokens).
+PROMPT_LOGITS_ROWS = 32
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,7 @@ class BatchEngine:
         self.name = name
         self.settings = settings
         self.vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._ctx = self._new_context(llm, settings)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
@@ -279,8 +289,10 @@ class BatchEngine:
 
     def _place(self, slot: _Slot, sequence: Sequence) -> None:
         """Give `sequence` the slot, keeping the cached prefix it shares (at least one prompt
-        token is evaluated, for its logits)."""
+        token is evaluated, for its logits; none when the prompt is to be scored)."""
         keep = min(common_prefix(slot.cached, sequence.tokens), len(sequence.tokens) - 1)
+        if sequence.params.prompt_logprobs:
+            keep = 0
         if keep <= 0 or llama_cpp.llama_memory_seq_pos_min(self._memory, slot.id) > 0 \
                 or not llama_cpp.llama_memory_seq_rm(self._memory, slot.id, keep, -1):
             self._forget(slot)
@@ -295,7 +307,7 @@ class BatchEngine:
 
     def _decode(self, slots: list[_Slot]) -> None:
         """One batch: every decoding sequence's token, then prompt chunks; decode; sample."""
-        batch, rows = self._batch, []
+        batch, rows, scored = self._batch, [], []
         batch.n_tokens = 0
         for slot in slots:
             if slot.sequence.pending is not None:
@@ -304,10 +316,16 @@ class BatchEngine:
             sequence = slot.sequence
             room = self.settings.n_batch - batch.n_tokens
             if sequence.prefilling and room > 0:
-                chunk = sequence.tokens[sequence.n_past:sequence.n_past + room]
-                last = sequence.n_past + len(chunk) == len(sequence.tokens)
-                index = self._add(slot, chunk, last)
+                scoring = sequence.params.prompt_logprobs
+                if scoring:
+                    room = min(room, PROMPT_LOGITS_ROWS)
+                start = sequence.n_past
+                chunk = sequence.tokens[start:start + room]
+                last = start + len(chunk) == len(sequence.tokens)
+                index = self._add(slot, chunk, last, every_row=scoring)
                 self._evaluated += len(chunk)
+                if scoring:
+                    scored.append((slot, index - len(chunk) + 1, start, len(chunk)))
                 if last:
                     rows.append((slot, index))
         if batch.n_tokens == 0:
@@ -320,16 +338,24 @@ class BatchEngine:
         if status != 0:
             self._decode_failed(slots, status)
             return
+        for slot, first, start, count in scored:
+            try:
+                self._score_prompt(slot.sequence, first, start, count)
+            except BaseException as exc:
+                self._end(slot, exc)
         for slot, index in rows:
-            self._sample(slot, index)
+            if slot.sequence is not None:
+                self._sample(slot, index)
 
-    def _add(self, slot: _Slot, tokens: list, logits_for_last: bool) -> int:
-        """Append `tokens` of `slot`'s sequence at its next positions; the last row's index."""
+    def _add(self, slot: _Slot, tokens: list, logits_for_last: bool,
+             every_row: bool = False) -> int:
+        """Append `tokens` of `slot`'s sequence at its next positions (with logits for the last,
+        or for `every_row`); the last row's index."""
         batch, sequence = self._batch, slot.sequence
         token_of, pos_of, n_seq_of, seq_of, logits_of = self._rows
         k, position = batch.n_tokens, sequence.n_past
         for token in tokens:
-            token_of[k], pos_of[k], n_seq_of[k], logits_of[k] = token, position, 1, False
+            token_of[k], pos_of[k], n_seq_of[k], logits_of[k] = token, position, 1, every_row
             seq_of[k][0] = slot.id
             k += 1
             position += 1
@@ -339,12 +365,30 @@ class BatchEngine:
         sequence.pending = None
         return k - 1
 
+    def _score_prompt(self, sequence: Sequence, first: int, start: int, count: int) -> None:
+        """Each evaluated prompt row's logits give the next prompt token's logprob."""
+        top = sequence.params.logprobs or 0
+        for row in range(count):
+            position = start + row + 1
+            if position < len(sequence.tokens):
+                sequence.prompt_logprobs.append(token_logprob(
+                    Distribution(self._ctx, first + row, self.n_vocab),
+                    sequence.tokens[position], top, self._token_text))
+
     def _sample(self, slot: _Slot, index: int) -> None:
         sequence = slot.sequence
+        if sequence.max_new == 0:                   # the prompt only was to be scored
+            sequence.finish_reason = "length"
+            self._end(slot, None)
+            return
+        top = sequence.params.logprobs
         try:
+            # The raw distribution, read before the sampler: only for requests that ask.
+            raw = Distribution(self._ctx, index, self.n_vocab) if top is not None else None
             token = sequence.sampler.sample(self._ctx, index)
+            logprob = token_logprob(raw, token, top, self._token_text) if raw is not None else None
             done = sequence.accept(token, self._token_text(token),
-                                   llama_cpp.llama_vocab_is_eog(self.vocab, token))
+                                   llama_cpp.llama_vocab_is_eog(self.vocab, token), logprob)
         except BaseException as exc:
             self._end(slot, exc)
             return

@@ -6,10 +6,11 @@ sandbox keeps it away from Python internals; the bounds here keep it from wedgin
 - time: rendering stops after CHAT_TEMPLATE_TIMEOUT. Jinja cannot be interrupted from outside,
   so the compiled template checks the clock itself: `BoundedCodeGenerator` emits a check at the
   entry of every loop body and loop filter, and every call, filter, operator and `~` checks too;
-- size: no value and no output may be longer than `max_chars` (1 MiB plus twice the messages),
-  and the values a render builds may add up to at most `WORK_FACTOR` times that. Operations that
-  can multiply a size in one step ("x" * n, 10 ** n, center(n), replace, join, indent,
-  wordwrap, format widths) are checked before they run, so they never allocate past the bound;
+- size: no value and no output may be longer than `max_chars` (1 MiB plus twice the text of
+  the messages and tools), and the values a render builds may add up to at most `WORK_FACTOR`
+  times that. Operations that can multiply a size in one step ("x" * n, 10 ** n, center(n),
+  replace, join, indent, wordwrap, format widths) are checked before they run, so they never
+  allocate past the bound;
 - the template text itself is at most MAX_TEMPLATE_CHARS, compiled once and cached.
 
 It renders what llama-cpp-python's `Jinja2ChatFormatter` renders (same environment options,
@@ -276,7 +277,7 @@ class ChatTemplates:
         :raise InvalidRequest: the template refused the messages (its `raise_exception`).
         Whatever `check` raises (a cancelled job) passes through as it is.
         """
-        given = sum(len(str(m.get("content") or "")) for m in messages)
+        given = _text_size(messages) + _text_size(variables)
         max_chars = MIN_OUTPUT_CHARS + 2 * given
         with self._bounded(template, max_chars, check):
             return self._render(template, max_chars, dict(
@@ -320,6 +321,22 @@ class ChatTemplates:
                                         f"{max_chars} characters")
             pieces.append(piece)
         return "".join(pieces)
+
+
+def _text_size(value: Any) -> int:
+    """The characters of the strings in `value` (messages, tools, nested as JSON is): what the
+    client gave, which the output bound grows with."""
+    pending, size = [value], 0
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            size += len(item)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return size
 
 
 def _refuse(message: Any) -> None:
