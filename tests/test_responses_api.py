@@ -241,6 +241,9 @@ BAD = [
      "tool_choice", "not one of the tools"),
     ({"input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": "[1]"}]},
      "input[0].arguments", "JSON object"),
+    ({"input": [{"type": "function_call", "call_id": "c1", "name": "f",      # not a 500
+                 "arguments": '{"a": ' * 50_000 + "1" + "}" * 50_000}]},
+     "input[0].arguments", "nested at most 64 deep"),
     ({"input": "Hi", "max_output_tokens": 5, "reasoning_effort": "low"}, "reasoning_effort",
      "unknown field"),
 ]

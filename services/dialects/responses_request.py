@@ -21,7 +21,7 @@ from services.dialects import sampling_fields as f
 from services.dialects.chat import MAX_MESSAGES, ChatMessage, ChatPrompt
 from services.dialects.json_mode import any_json_object, schema_grammar
 from services.dialects.params import Param, ignored_param, parse_params
-from services.dialects.tools import ToolSpec, parse_tools, valid_name
+from services.dialects.tools import MAX_NESTING, ToolSpec, json_object, parse_tools, valid_name
 from services.errors import InvalidRequest
 from services.types import SamplingParams, ToolCall
 
@@ -209,13 +209,11 @@ def _function_call(item: dict, where: str) -> ToolCall:
         raise InvalidRequest(f"{where}.name must be 1 to 64 letters, digits, _ or -",
                              param=f"{where}.name")
     arguments = item.get("arguments")
-    try:
-        parsed = json.loads(arguments) if isinstance(arguments, str) and arguments.strip() else {}
-    except ValueError:
-        parsed = None
-    if not isinstance(arguments, str) or not isinstance(parsed, dict):
-        raise InvalidRequest(f"{where}.arguments must be a JSON object as text",
-                             param=f"{where}.arguments")
+    parsed = (json_object(arguments) if arguments.strip() else {}) \
+        if isinstance(arguments, str) else None
+    if parsed is None:
+        raise InvalidRequest(f"{where}.arguments must be a JSON object as text, nested at most "
+                             f"{MAX_NESTING} deep", param=f"{where}.arguments")
     return ToolCall(_string(item, "call_id", where), name, json.dumps(parsed))
 
 
