@@ -12,6 +12,7 @@ import pytest
 
 from conftest import LONG, build_test_app, instances_in_use, wait_until
 from services.choices import start_choices
+from services.engine.batch_engine import PROMPT_LOGITS_ROWS
 from services.engine.sampler import SamplerChain
 from services.errors import InvalidRequest, TooBusy
 from services.types import Finished, SamplingParams, Token
@@ -105,6 +106,21 @@ def test_prompt_logprobs_score_the_prompt_and_max_tokens_0_samples_nothing(backe
     assert rescored.prompt_logprobs[-1].logprob == pytest.approx(generated.logprobs[0].logprob,
                                                                  abs=1e-3)
     assert rescored.prompt_logprobs[-1].top == ()        # logprobs None: no alternatives
+
+
+def test_a_prompt_longer_than_one_scoring_chunk_is_scored_at_every_position(backend):
+    # Scored prompts are evaluated PROMPT_LOGITS_ROWS rows per step: the last row of each chunk
+    # must keep its logits too (it scores the next chunk's first token).
+    prompt = "The capital of France is Paris. " * 12
+    _, scored = run(backend, prompt, max_tokens=0, logprobs=1, prompt_logprobs=True, **GREEDY)
+    assert scored.usage.prompt_tokens > 2 * PROMPT_LOGITS_ROWS      # three chunks
+    assert len(scored.prompt_logprobs) == scored.usage.prompt_tokens
+    assert scored.prompt_logprobs[0] is None
+    assert "".join(entry.token for entry in scored.prompt_logprobs[1:]) == prompt
+    assert all(entry.logprob <= 0 and len(entry.top) == 1 for entry in scored.prompt_logprobs[1:])
+    # By the second repeat the model knows what comes: the later sentences score higher.
+    first, last = (sum(e.logprob for e in scored.prompt_logprobs[i:i + 8]) for i in (1, -8))
+    assert last > first
 
 
 def test_typical_p_is_applied_and_changes_nothing_when_greedy(backend):

@@ -359,7 +359,7 @@ class BatchEngine:
             seq_of[k][0] = slot.id
             k += 1
             position += 1
-        logits_of[k - 1] = logits_for_last
+        logits_of[k - 1] = logits_for_last or every_row
         batch.n_tokens, sequence.n_past = k, position
         slot.cached.extend(tokens)
         sequence.pending = None
