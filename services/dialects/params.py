@@ -28,13 +28,12 @@ class Param:
     help: str
     check: Check = lambda value: None
     required: bool = False
-    ignored: bool = False
 
 
 def ignored_param(name: str, kind: str, why: str, check: Check = lambda value: None) -> Param:
     """A row for a field that is accepted and checked (type, and `check`) but not used; its doc
     text says so (and why), so the docs page lists it as ignored."""
-    return Param(name, kind, None, f"ignored: {why}", check, ignored=True)
+    return Param(name, kind, None, f"ignored: {why}", check)
 
 
 def number_text(value: float) -> str:
