@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 from langchain_core.prompts import PromptTemplate
 
@@ -24,8 +24,8 @@ from services.concurrency_manager import ConcurrencyManager, Job, outcome_of
 from services.engine.chat_template import ChatTemplates
 from services.engine.memory import estimate_load
 from services.engine.sampler import check_grammar
-from services.engine.sequence import Sequence as EngineSequence
-from services.errors import ContextOverflow, InvalidRequest
+from services.engine.sequence import Sequence as EngineSequence, check_token_ids
+from services.errors import ContextOverflow
 from services.model_pool import ModelPool
 from services.observability.stats import UsageStats
 from services.types import (SUCCEEDED, Finished, Prompt, Render, SamplingParams,
@@ -224,16 +224,6 @@ def prepare_prompt(llm: Any, prompt: Prompt, sampling: SamplingParams,
         extra = tuple(stop for stop in built.stop if stop not in sampling.stop)
         return list(built.tokens), replace(sampling, stop=sampling.stop + extra)
     return check_token_ids(prompt, llm.n_vocab()), sampling
-
-
-def check_token_ids(ids: Sequence[int], n_vocab: int) -> list[int]:
-    """:raise InvalidRequest: an id that is not one of the model's tokens (llama.cpp would fail
-    to decode it)."""
-    bad = next((i for i, t in enumerate(ids) if not 0 <= t < n_vocab), None)
-    if bad is not None:
-        raise InvalidRequest(f"prompt[{bad}] = {ids[bad]} is not a token id of this model "
-                             f"(0 .. {n_vocab - 1})", param="prompt")
-    return list(ids)
 
 
 def build_prompt(prompt: str, system: str | None) -> str:

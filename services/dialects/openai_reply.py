@@ -14,7 +14,7 @@ from typing import Any, Iterable, Sequence
 
 from services.types import (Finished, PromptTokens, Render, TokenLogprob, ToolCall, ToolCalled,
                             Usage)
-from services.errors import InvalidRequest
+from services.engine.sequence import check_token_ids
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,7 @@ class EchoedPrompt:
         if isinstance(self.prompt, str):
             tokens = llm.tokenize(self.prompt.encode("utf-8"), add_bos=True, special=True)
         else:
-            tokens = list(self.prompt)
-            bad = next((i for i, t in enumerate(tokens) if not 0 <= t < llm.n_vocab()), None)
-            if bad is not None:
-                raise InvalidRequest(f"prompt[{bad}] = {tokens[bad]} is not a token id of this "
-                                     f"model (0 .. {llm.n_vocab() - 1})", param="prompt")
+            tokens = check_token_ids(self.prompt, llm.n_vocab())
             self.text = llm.detokenize(tokens).decode("utf-8", errors="replace")
         bos = llm.token_bos()
         self.pieces = ["" if t == bos and i == 0 and isinstance(self.prompt, str)

@@ -13,6 +13,7 @@ import time
 from typing import Protocol, Sequence as Tokens
 
 from services.engine.sampler import SamplerChain
+from services.errors import InvalidRequest
 from services.types import SamplingParams, TokenLogprob
 
 
@@ -183,3 +184,13 @@ def common_prefix(a: Tokens[int], b: Tokens[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def check_token_ids(ids: Tokens[int], n_vocab: int) -> list[int]:
+    """:raise InvalidRequest: an id that is not one of the model's tokens (llama.cpp would fail
+    to decode it)."""
+    bad = next((i for i, t in enumerate(ids) if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(f"prompt[{bad}] = {ids[bad]} is not a token id of this model "
+                             f"(0 .. {n_vocab - 1})", param="prompt")
+    return list(ids)
