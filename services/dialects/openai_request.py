@@ -39,8 +39,17 @@ def _token_biases(value: dict) -> str | None:
     return "must map token ids to numbers between -100 and 100"
 
 
-_MODEL = Param("model", "string", None, "model id from GET /v1/models (default model if omitted)")
-_USER = ignored_param("user", "string", "an end-user id for OpenAI's abuse monitoring")
+MODEL = Param("model", "string", None, "model id from GET /v1/models (default model if omitted)")
+USER = ignored_param("user", "string", "an end-user id for OpenAI's abuse monitoring")
+# Fields for OpenAI's own service that chat completions and the Responses API share.
+SERVICE_FIELDS = (
+    ignored_param("safety_identifier", "string", "an end-user id for OpenAI's abuse monitoring"),
+    ignored_param("service_tier", "string", "OpenAI's processing tiers"),
+    ignored_param("prompt_cache_key", "string", "a cached prompt prefix is reused whenever it "
+                  "can be"),
+    ignored_param("prompt_cache_retention", "string", "OpenAI's prompt cache"),
+    ignored_param("prompt_cache_options", "object", "OpenAI's prompt cache"),
+)
 _SAMPLING = (
     f.TEMPERATURE.param(default=1.0), f.TOP_P.param(default=1.0), f.STOP.param(),
     f.SEED.param(), f.PRESENCE_PENALTY.param(), f.FREQUENCY_PENALTY.param(),
@@ -52,7 +61,7 @@ _SAMPLING = (
           "usage (include_obfuscation is ignored)"),
     ignored_param("logit_bias", "object", "its keys are token ids of OpenAI's tokenizer, which "
                   "mean other tokens (or nothing) to this model", _token_biases),
-    _USER,
+    USER,
 )
 # What llama-server, vLLM and Ollama's /v1 take beyond OpenAI's fields. min_p and the repeat
 # penalty stay off unless asked for (OpenAI has neither); top_k keeps the server default.
@@ -66,7 +75,7 @@ _EXTENSIONS = (
 )
 
 COMPLETION_PARAMS: tuple[Param, ...] = (
-    _MODEL,
+    MODEL,
     Param("prompt", "string or array", None, "text to continue: a string, a list of strings "
           "(one choice each), token ids, or a list of token-id lists (required)", required=True),
     Param("max_tokens", "integer", 16, f"{f.MAX_TOKENS.meaning} (0 .. context size - 1); 0 "
@@ -84,7 +93,7 @@ COMPLETION_PARAMS: tuple[Param, ...] = (
 )
 
 CHAT_PARAMS: tuple[Param, ...] = (
-    _MODEL,
+    MODEL,
     Param("messages", "array", None, "the conversation, [{role, content}]; roles system, "
           "developer, user, assistant (with tool_calls), tool (with tool_call_id) (required)",
           required=True),
@@ -108,15 +117,10 @@ CHAT_PARAMS: tuple[Param, ...] = (
           f"token (0 .. {MAX_TOP_LOGPROBS})", in_range(0, MAX_TOP_LOGPROBS)),
     ignored_param("store", "boolean", "OpenAI's stored completions"),
     ignored_param("metadata", "object", "tags for OpenAI's stored completions"),
-    ignored_param("service_tier", "string", "OpenAI's processing tiers"),
     ignored_param("reasoning_effort", "string", "for OpenAI's reasoning models"),
     ignored_param("verbosity", "string", "for OpenAI's reasoning models"),
-    ignored_param("prompt_cache_key", "string", "a cached prompt prefix is reused whenever it "
-                  "can be"),
-    ignored_param("prompt_cache_retention", "string", "OpenAI's prompt cache"),
-    ignored_param("prompt_cache_options", "object", "OpenAI's prompt cache"),
+    *SERVICE_FIELDS,
     ignored_param("moderation", "object", "there is no moderation"),
-    ignored_param("safety_identifier", "string", "an end-user id for OpenAI's abuse monitoring"),
     ignored_param("modalities", "array", "the reply is text"),
     ignored_param("audio", "object", "the reply is text"),
     ignored_param("prediction", "object", "predicted outputs are not used"),
@@ -127,14 +131,14 @@ CHAT_PARAMS: tuple[Param, ...] = (
 )
 
 EMBEDDING_PARAMS: tuple[Param, ...] = (
-    _MODEL,
+    MODEL,
     Param("input", "string or array", None, "a text or a list of texts (required); token ids "
           "are refused: they would be ids of OpenAI's tokenizer", required=True),
     Param("encoding_format", "string", "float", "float, or base64 (little-endian float32, what "
           "the openai package asks for)", one_of("float", "base64")),
     Param("dimensions", "integer", None, "shorten each vector to its first `dimensions` values, "
           "normalised again (1 .. the model's size)", at_least(1)),
-    _USER,
+    USER,
 )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 from services.dialects import sampling_fields as f
 from services.dialects.chat import MAX_MESSAGES, ChatMessage, ChatPrompt
 from services.dialects.json_mode import any_json_object, schema_grammar
+from services.dialects.openai_request import MODEL, SERVICE_FIELDS, USER
 from services.dialects.params import Param, ignored_param, parse_params
 from services.dialects.tools import MAX_NESTING, ToolSpec, json_object, parse_tools, valid_name
 from services.errors import InvalidRequest
@@ -33,7 +34,7 @@ _TEXT_PARTS = ("input_text", "output_text", "text")
 _TOOL_CHOICE_HELP = ('auto, none, required, or {"type": "function", "name": …}')
 
 RESPONSES_PARAMS: tuple[Param, ...] = (
-    Param("model", "string", None, "model id from GET /v1/models (default model if omitted)"),
+    MODEL,
     Param("input", "string or array", None, "a text (one user message), or a list of items: "
           "messages {role, content} (content a string or input_text / output_text parts), "
           "function_call {call_id, name, arguments} and function_call_output {call_id, "
@@ -60,9 +61,8 @@ RESPONSES_PARAMS: tuple[Param, ...] = (
     Param("prompt", "object", None, "refused: there are no stored prompt templates here"),
     ignored_param("store", "boolean", "nothing is stored; the reply says store false"),
     ignored_param("metadata", "object", "echoed in the reply, not stored"),
-    ignored_param("user", "string", "an end-user id for OpenAI's abuse monitoring"),
-    ignored_param("safety_identifier", "string", "an end-user id for OpenAI's abuse monitoring"),
-    ignored_param("service_tier", "string", "OpenAI's processing tiers"),
+    USER,
+    *SERVICE_FIELDS,
     ignored_param("reasoning", "object", "for OpenAI's reasoning models"),
     ignored_param("truncation", "string", "the input is never truncated: one over the context "
                   "is a 400"),
@@ -70,10 +70,6 @@ RESPONSES_PARAMS: tuple[Param, ...] = (
     ignored_param("top_logprobs", "integer", "log probabilities are not returned here"),
     ignored_param("max_tool_calls", "integer", "limits OpenAI's hosted tools"),
     ignored_param("stream_options", "object", "include_obfuscation: events are not padded"),
-    ignored_param("prompt_cache_key", "string", "a cached prompt prefix is reused whenever it "
-                  "can be"),
-    ignored_param("prompt_cache_retention", "string", "OpenAI's prompt cache"),
-    ignored_param("prompt_cache_options", "object", "OpenAI's prompt cache"),
     ignored_param("context_management", "array", "OpenAI's conversation compaction"),
     ignored_param("moderation", "object", "OpenAI's moderation models"),
     ignored_param("image", "object", "inputs are text"),
