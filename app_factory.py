@@ -9,7 +9,8 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Callable, Mapping
 
 from flask import Flask
 
@@ -21,6 +22,8 @@ from services.engine.chat_template import ChatTemplates
 from services.concurrency_manager import ConcurrencyManager
 from services.engine.batch_engine import EngineSettings
 from services.embeddings import EmbeddingService, embedding_loader
+from services.key_store import KEYS_FILE, KeyStore
+from services.keys import Authenticator
 from services.llm_service import LLMService
 from services.engine.memory import MemoryGuard
 from services.model_admin import ModelAdmin
@@ -30,6 +33,9 @@ from services.observability.load_meter import LoadMeter
 from services.observability.metrics import build_registry
 from services.observability.request_stats import RequestCounts
 from services.observability.stats import UsageStats
+from services.rate_limits import RateLimiter
+from services.response_cache import ResponseCache
+from services.types import ANONYMOUS, Caller
 from utils.logger import AppLoggers, configure_logging
 
 
@@ -54,6 +60,10 @@ class Backend:
     metrics: Any = None
     deepseek: DeepSeekService | None = None
     embeddings: EmbeddingService | None = None     # the OpenAI and Ollama embedding endpoints
+    # Teams: who may call (keys and scopes), how often (per-key limits), cached replies.
+    access: Authenticator | None = None
+    limiter: RateLimiter | None = None
+    response_cache: ResponseCache | None = None
 
     def close(self) -> None:
         self.concurrency.shutdown()
@@ -65,8 +75,10 @@ class Backend:
         self.loggers.close()
 
 
-def build_backend(config: Config, loader: Loader | None = None) -> Backend:
-    """Wire the services from the settings; `loader` replaces the real llama.cpp loader in tests."""
+def build_backend(config: Config, loader: Loader | None = None,
+                  caller: Callable[[], Caller] = lambda: ANONYMOUS) -> Backend:
+    """Wire the services from the settings; `loader` replaces the real llama.cpp loader in tests.
+    `caller()` names who sends the request being admitted (the HTTP edge's key and priority)."""
     settings = InstanceSettings(n_ctx=config.N_CTX, n_batch=config.N_BATCH,
                                 n_threads=config.threads_per_instance,
                                 n_gpu_layers=config.N_GPU_LAYERS)
@@ -86,7 +98,8 @@ def build_backend(config: Config, loader: Loader | None = None) -> Backend:
     stats = UsageStats()
     concurrency = ConcurrencyManager(config.MAX_CONCURRENT_REQUESTS, config.MAX_WORKERS,
                                      config.QUEUE_TIMEOUT, config.REQUEST_TIMEOUT,
-                                     on_outcome=stats.record_outcome)
+                                     on_outcome=stats.record_outcome, caller=caller)
+    response_cache = ResponseCache(config.RESPONSE_CACHE_SIZE)
     backend = Backend(
         config=config,
         loggers=configure_logging(config.LOG_DIR, config.LOG_MAX_BYTES, config.LOG_BACKUP_COUNT),
@@ -94,7 +107,12 @@ def build_backend(config: Config, loader: Loader | None = None) -> Backend:
         model_admin=ModelAdmin(managers, pool, guard, config.kv_cache_tokens(config.N_CTX)),
         concurrency=concurrency, stats=stats,
         llm=LLMService(models, pool, concurrency, stats, config.N_CTX,
-                       ChatTemplates(config.CHAT_TEMPLATE_TIMEOUT)), load_meter=meter)
+                       ChatTemplates(config.CHAT_TEMPLATE_TIMEOUT), response_cache),
+        load_meter=meter, response_cache=response_cache,
+        access=Authenticator(config.API_KEYS, config.ADMIN_KEYS,
+                             KeyStore(Path(config.DATA_DIR) / KEYS_FILE)),
+        limiter=RateLimiter(config.RATE_LIMIT_STORAGE_URI, config.RATE_LIMIT_REQUESTS_PER_MINUTE,
+                            config.RATE_LIMIT_TOKENS_PER_MINUTE))
     backend.caches.append(PoolCache("pool", pool, meter,
                                     registry_estimate(managers.values())))
     backend.deepseek = build_deepseek(config, backend.model_admin, backend.llm)
@@ -116,8 +134,8 @@ def engine_settings(config: Config, n_ctx: int | None) -> EngineSettings:
 
 def register_blueprints(app: Flask) -> None:
     """The route table; it matches the HTTP contract in DESIGN.md."""
-    from api import (docs, models_api, monitoring, ollama_routes, openai_routes, responses_routes,
-                     routes)
+    from api import (docs, lifecycle_routes, models_api, monitoring, ollama_routes, openai_routes,
+                     responses_routes, routes)
     from DeepSeekLLM import deepseek_routes
 
     app.register_blueprint(docs.bp)                                  # GET /
@@ -130,6 +148,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(responses_routes.bp, url_prefix="/v1")    # OpenAI: responses
     app.register_blueprint(ollama_routes.bp, url_prefix="/api")      # Ollama: generate, chat, embed,
                                                                      # tags, show, ps, delete, version
+    app.register_blueprint(lifecycle_routes.bp, url_prefix="/api/v1")  # load, unload, events
 
 
 def create_app(config: Config | Mapping[str, Any] | None = None, *,
@@ -138,7 +157,8 @@ def create_app(config: Config | Mapping[str, Any] | None = None, *,
 
     :raise ConfigError: a setting has an invalid value.
     """
-    from api.cli import models_cli
+    from api.access import current_caller
+    from api.cli import keys_cli, models_cli
     from api.errors import register_error_handlers
     from api.http import UploadRequest
     from api.browser_safety import register_cors
@@ -153,10 +173,11 @@ def create_app(config: Config | Mapping[str, Any] | None = None, *,
         MAX_CONTENT_LENGTH=config.MAX_REQUEST_BYTES,
         MAX_FORM_MEMORY_SIZE=1024 * 1024, MAX_FORM_PARTS=100)
     app.json.sort_keys = False
-    app.extensions["llm"] = build_backend(config, loader)
+    app.extensions["llm"] = build_backend(config, loader, current_caller)
     register_cors(app, config.CORS_ORIGINS or ())
     register_request_hooks(app)
     register_error_handlers(app)
     register_blueprints(app)
     app.cli.add_command(models_cli)
+    app.cli.add_command(keys_cli)
     return app

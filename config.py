@@ -136,7 +136,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHAT_TEMPLATE_TIMEOUT", _float(0.01), 2.0,
             "seconds a model's chat template may take to render one prompt"),
     Setting("DEEPSEEK_MAX_STEPS", _int(1), 64, "most map steps one DeepSeek request may plan"),
-    Setting("API_KEYS", _csv, (), "when set, `Authorization: Bearer <key>` is required"),
+    Setting("API_KEYS", _csv, (),
+            "inference keys: when any key exists, `Authorization: Bearer <key>` is required"),
+    Setting("ADMIN_KEYS", _csv, (),
+            "admin keys: may also upload, delete, load and unload models"),
+    Setting("DATA_DIR", _text, "./data",
+            "server state: keys.sqlite3 (keys made by `flask keys create`)"),
+    Setting("RATE_LIMIT_REQUESTS_PER_MINUTE", _int(0), 0,
+            "API requests per minute per key (0: no limit; `flask keys limit` overrides per key)"),
+    Setting("RATE_LIMIT_TOKENS_PER_MINUTE", _int(0), 0,
+            "generated tokens per minute per key (0: no limit; overridable per key)"),
+    Setting("RATE_LIMIT_STORAGE_URI", _text, "memory://",
+            "where limit counters live: memory:// (this process) or redis://host:port/db"),
+    Setting("PRIORITY_AGING_SECONDS", _float(0.001), 10.0,
+            "a waiting request rises one priority level per this many seconds (no starving)"),
+    Setting("PRELOAD_MODELS", _csv, (),
+            "models loaded at start; readiness (/api/v1/health) is 503 until they are"),
+    Setting("MODEL_IDLE_SECONDS", _float(0), 0.0,
+            "unload a model nobody used for this long (0: keep until evicted)"),
+    Setting("RESPONSE_CACHE_SIZE", _int(0), 0,
+            "replies of deterministic requests kept for reuse, LRU (0: no response cache)"),
 )
 
 
@@ -186,7 +205,7 @@ class Config:
 
     def public_items(self) -> list[tuple[str, Any, str]]:
         """(name, value, help) for the startup log and docs page, secrets masked."""
-        hidden = {"SECRET_KEY", "API_KEYS"}
+        hidden = {"SECRET_KEY", "API_KEYS", "ADMIN_KEYS"}
         return [
             (s.name, "***" if s.name in hidden and getattr(self, s.name) else getattr(self, s.name), s.help)
             for s in SETTINGS

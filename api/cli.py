@@ -11,6 +11,7 @@ from flask.cli import AppGroup
 from services.errors import BackendError
 
 models_cli = AppGroup("models", help="List, import and remove models.")
+keys_cli = AppGroup("keys", help="Create, list and revoke API keys.")
 
 _CHUNK = 1 << 20
 

@@ -69,4 +69,4 @@ def index():
     services = backend()
     return render_template(
         "docs.html", endpoints=describe_endpoints(current_app, request.host_url.rstrip("/")),
-        settings=services.config.public_items(), auth=bool(services.config.API_KEYS))
+        settings=services.config.public_items(), auth=services.access.required)

@@ -15,6 +15,7 @@ STATUS_BY_ERROR: dict[type[e.BackendError], int] = {
     e.HostNotAllowed: 400,
     e.Unauthorized: 401,
     e.OriginNotAllowed: 403,
+    e.Forbidden: 403,
     e.ModelNotFound: 404,
     e.ClientTimeout: 408,
     e.ModelConflict: 409,

@@ -1,17 +1,19 @@
-"""Per-request plumbing: request id, browser safety (api/browser_safety.py), API-key check, the
-access-log line and request counts."""
+"""Per-request plumbing: request id, browser safety (api/browser_safety.py), the key and its
+scope (api/access.py), rate limits and priority, the access-log line and request counts."""
 
 from __future__ import annotations
 
-import hmac
 import re
 import time
 import uuid
 
 from flask import Flask, Response, g, request
 
+from api.access import request_priority, required_scope
 from api.browser_safety import HostRule, OriginRule, check_host
-from services.errors import Unauthorized
+from services.errors import RateLimited
+from services.keys import OPEN
+from services.types import Caller
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Reachable without a key: liveness probes, the docs page and its static files, CORS preflight,
@@ -21,32 +23,37 @@ _PUBLIC_ENDPOINTS = {"monitoring.health", "docs.index", "static", "monitoring.da
 # Pages and probes that are not API traffic: logged, but not counted in /stats and /metrics,
 # where a dashboard polling every 2 s or a Prometheus scrape would drown the real requests.
 _UNCOUNTED_BLUEPRINTS = {"monitoring", "docs"}
+
+
 def _request_id() -> str:
     """The client's X-Request-ID when it is a sane token, else a fresh one."""
     incoming = request.headers.get("X-Request-ID", "")
     return incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
 
 
-def _check_api_key(keys: tuple[str, ...]) -> None:
-    """:raise Unauthorized: keys are configured and the request carries none of them."""
-    if not keys or request.method == "OPTIONS" or request.endpoint in _PUBLIC_ENDPOINTS:
-        return
-    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-    presented = presented.strip().encode()
-    # Compare against every key so the time taken does not tell which one nearly matched.
-    matched = False
-    for key in keys:
-        matched |= hmac.compare_digest(presented, key.encode())
-    if scheme.lower() != "bearer" or not matched:
-        raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
-
-
 def register_request_hooks(app: Flask) -> None:
-    access_log = app.extensions["llm"].loggers.access
-    config = app.extensions["llm"].config
-    api_keys = config.API_KEYS
-    counts = app.extensions["llm"].requests
-    hosts, origins = HostRule(config.ALLOWED_HOSTS), OriginRule(config.CORS_ORIGINS or ())
+    services = app.extensions["llm"]
+    access_log, counts = services.loggers.access, services.requests
+    access, limiter = services.access, services.limiter
+    hosts = HostRule(services.config.ALLOWED_HOSTS)
+    origins = OriginRule(services.config.CORS_ORIGINS or ())
+
+    def identify() -> None:
+        """The key (401 missing or wrong, 403 out of scope), the request's priority, and one
+        request counted against the key's limit (429 over it)."""
+        if request.method == "OPTIONS" or request.endpoint in _PUBLIC_ENDPOINTS:
+            return
+        g.principal = principal = access.authenticate(request.headers.get("Authorization"))
+        if principal.name:
+            g.log_fields["key"] = principal.name
+        principal.require(required_scope(app, request.endpoint))
+        g.caller = Caller(principal.name, request_priority(principal))
+        if _counted():
+            try:
+                g.limit_headers = limiter.admit(principal, _identity(principal))
+            except RateLimited as refusal:
+                g.limit_headers = refusal.headers
+                raise
 
     @app.before_request
     def start_request() -> None:
@@ -56,24 +63,42 @@ def register_request_hooks(app: Flask) -> None:
         # Before the key and before any work: a hostile page learns nothing and starts nothing.
         check_host(hosts)
         origins.check(request)
-        _check_api_key(api_keys)
+        identify()
 
     @app.after_request
     def finish_request(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id") or _request_id()
+        response.headers.update(g.get("limit_headers") or {})
         # The line is written when the response is closed, so a stream is logged once it ends.
         line = {"request_id": response.headers["X-Request-ID"], "method": request.method,
                 "path": request.path, "route": request.url_rule.rule if request.url_rule else None,
                 "status": response.status_code, "client": request.remote_addr}
         started, fields = g.get("started", time.monotonic()), g.get("log_fields", {})
-        counted = request.blueprint not in _UNCOUNTED_BLUEPRINTS and request.endpoint != "static"
+        if fields.get("cache") == "hit":
+            response.headers["X-Cache"] = "HIT"
+        counted, principal = _counted(), g.get("principal", OPEN)
+        identity = _identity(principal)
 
         def write_line() -> None:
             line["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
             line.update(fields)
             access_log.info("request", extra={"fields": line})
             if counted:
-                counts.record(line["method"], line["route"], line["status"], fields.get("error"))
+                tokens = fields.get("completion_tokens") or 0
+                counts.record(line["method"], line["route"], line["status"], fields.get("error"),
+                              key=principal.name, completion_tokens=tokens)
+                if tokens:
+                    limiter.charge_tokens(principal, identity, tokens)
 
         response.call_on_close(write_line)
         return response
+
+
+def _counted() -> bool:
+    """API traffic: not the monitoring endpoints or the docs page."""
+    return request.blueprint not in _UNCOUNTED_BLUEPRINTS and request.endpoint != "static"
+
+
+def _identity(principal) -> str:
+    """Whom limits count against: the key's name, or on an open server the client's address."""
+    return f"key:{principal.name}" if principal.name else f"addr:{request.remote_addr}"

@@ -97,4 +97,4 @@ def metrics():
 @document(reply="text/html")
 def dashboard():
     """Live charts of /stats and /stats/concurrency, polled every 2 s (no external assets)."""
-    return render_template("dashboard.html", auth=bool(backend().config.API_KEYS))
+    return render_template("dashboard.html", auth=backend().access.required)

@@ -24,11 +24,14 @@ from typing import Any, Callable
 from services.errors import (ClientGone, GenerationTimeout, JobCancelled, QueueTimeout,
                              ShuttingDown, TooBusy)
 from services.observability.window import SlidingWindow
-from services.types import (CANCELLED, FAILED, OUTCOMES, QUEUE_TIMED_OUT, REJECTED, SUCCEEDED,
-                            TIMED_OUT)
+from services.types import (ANONYMOUS, CANCELLED, FAILED, OUTCOMES, QUEUE_TIMED_OUT, REJECTED,
+                            SUCCEEDED, TIMED_OUT, Caller)
 
 # Called once per counted ending: (label, outcome), e.g. the model's name and "succeeded".
 OutcomeSink = Callable[[str, str], None]
+# Who is asking, read when a job is admitted (the HTTP edge supplies the request's key name and
+# priority; outside a request, ANONYMOUS).
+CallerOf = Callable[[], Caller]
 # How long a caller waits past a deadline the work enforces itself before giving up on it.
 _GRACE_SECONDS = 1.0
 # How often a caller waiting for events looks whether its client is still there.
@@ -56,9 +59,11 @@ class Job:
     The work reports to its caller through `events` (results, or an exception to raise there).
     """
 
-    def __init__(self, manager: "ConcurrencyManager", label: str, counted: bool):
+    def __init__(self, manager: "ConcurrencyManager", label: str, counted: bool,
+                 caller: Caller = ANONYMOUS):
         self.label = label
         self.counted = counted
+        self.caller = caller
         self.admitted_at = time.monotonic()
         self.queue_deadline = self.admitted_at + manager.queue_timeout
         self.request_timeout = manager.request_timeout
@@ -203,12 +208,14 @@ class ConcurrencyManager:
     """
 
     def __init__(self, max_concurrent: int, max_workers: int, queue_timeout: float,
-                 request_timeout: float, on_outcome: OutcomeSink = lambda label, outcome: None):
+                 request_timeout: float, on_outcome: OutcomeSink = lambda label, outcome: None,
+                 caller: CallerOf = lambda: ANONYMOUS):
         self.max_concurrent = max_concurrent
         self.max_workers = max_workers
         self.queue_timeout = queue_timeout
         self.request_timeout = request_timeout
         self._on_outcome = on_outcome
+        self._caller = caller
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="generate",
                                             initializer=self._register_worker)
         self._lock = threading.Lock()
@@ -232,7 +239,8 @@ class ConcurrencyManager:
         :raise TooBusy: MAX_CONCURRENT_REQUESTS jobs are already in flight (HTTP 429).
         :raise ShuttingDown: the server is draining after SIGTERM (HTTP 503).
         """
-        job = self._new_job(label, counted=within is None)
+        job = self._new_job(label, counted=within is None,
+                            caller=within.caller if within is not None else None)
         self._executor.submit(self._run, job, work)
         return job
 
@@ -246,11 +254,12 @@ class ConcurrencyManager:
         job.working_since = job.admitted_at   # it runs on its caller's thread
         return job
 
-    def _new_job(self, label: str, counted: bool) -> Job:
+    def _new_job(self, label: str, counted: bool, caller: Caller | None = None) -> Job:
+        caller = caller or self._caller()
         with self._lock:
             refusal = self._refusal() if counted else None
             if refusal is None:
-                job = Job(self, label, counted)
+                job = Job(self, label, counted, caller)
                 self._in_flight += counted
                 self._jobs.add(job)
         if refusal is not None:

@@ -91,6 +91,12 @@ class Unauthorized(BackendError):
     code = "unauthorized"
 
 
+class Forbidden(BackendError):
+    """A valid key whose scope does not cover this route (an inference key on an admin route)."""
+
+    code = "forbidden"
+
+
 class HostNotAllowed(BackendError):
     """The Host header names no host in ALLOWED_HOSTS (a DNS-rebinding page, say)."""
 
@@ -119,6 +125,17 @@ class TooBusy(RetryLater):
     """Admission refused: MAX_CONCURRENT_REQUESTS are already in flight."""
 
     code = "too_many_requests"
+
+
+class RateLimited(TooBusy):
+    """The key used up its requests or generated tokens for the current minute (its limit,
+    remaining and reset go out as X-RateLimit-* headers)."""
+
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: int = 1, headers: dict | None = None):
+        super().__init__(message, retry_after)
+        self.headers = dict(headers or {})
 
 
 class QueueTimeout(BackendError):

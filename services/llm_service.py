@@ -28,6 +28,7 @@ from services.engine.sequence import Sequence as EngineSequence, check_token_ids
 from services.errors import ContextOverflow
 from services.model_pool import ModelPool
 from services.observability.stats import UsageStats
+from services.response_cache import ResponseCache
 from services.types import (SUCCEEDED, Finished, Prompt, Render, SamplingParams,
                             Started, Timings, Token, Usage)
 
@@ -132,13 +133,15 @@ class LLMService:
     """Generation over the model registry, the pool's engines and the concurrency manager."""
 
     def __init__(self, models: ModelManager, pool: ModelPool, concurrency: ConcurrencyManager,
-                 stats: UsageStats, n_ctx: int, templates: ChatTemplates | None = None):
+                 stats: UsageStats, n_ctx: int, templates: ChatTemplates | None = None,
+                 response_cache: ResponseCache | None = None):
         self.models = models
         self.pool = pool
         self.concurrency = concurrency
         self.stats = stats
         self.n_ctx = n_ctx
         self.templates = templates or ChatTemplates()
+        self.response_cache = response_cache or ResponseCache(0)
 
     def generate(self, request: Any, client_gone=lambda: False) -> Finished:
         """Run a native generation to the end.

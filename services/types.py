@@ -67,6 +67,29 @@ class Started:
     model: str
     prompt_tokens: int
     queue_ms: float
+    cached: bool = False            # the reply comes from the response cache, not the model
+
+
+# Request priorities, highest first (`X-Request-Priority`, or a key's default).
+PRIORITIES = ("high", "normal", "low")
+NORMAL = "normal"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request came from, as the services see it: the key's name (never the key itself;
+    None without authentication) and the priority its wait for a slot is ordered by."""
+
+    key_name: str | None = None
+    priority: str = NORMAL
+
+    @property
+    def rank(self) -> int:
+        """0 for high, 1 for normal, 2 for low."""
+        return PRIORITIES.index(self.priority)
+
+
+ANONYMOUS = Caller()
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,8 @@ class BackendCollector(Collector):
         yield from self._usage()
         yield from self._concurrency()
         yield from self._caches()
+        yield from self._keys()
+        yield from self._response_cache()
 
     def _requests(self) -> Iterator:
         http = CounterMetricFamily("llm_http_requests", "API requests answered, by route template "
@@ -134,6 +136,31 @@ class BackendCollector(Collector):
         for model, snapshot in self._backend.load_meter.durations().items():
             loads.add_metric([model], *snapshot)
         return [instances, *counters.values(), loads]
+
+    def _keys(self) -> Iterator:
+        """Requests and generated tokens per key name (never the key)."""
+        requests = CounterMetricFamily("llm_key_requests", "API requests per key name and "
+                                       "outcome", labels=["key", "outcome"])
+        tokens = CounterMetricFamily("llm_key_completion_tokens", "tokens generated for each key",
+                                     labels=["key"])
+        for key, counts in self._backend.requests.by_key().items():
+            for outcome in OUTCOMES:
+                requests.add_metric([key, outcome], counts[outcome])
+            tokens.add_metric([key], counts["completion_tokens"])
+        return [requests, tokens]
+
+    def _response_cache(self) -> Iterator:
+        status = self._backend.response_cache.status()
+        hits = CounterMetricFamily("llm_response_cache_hits", "requests answered from the "
+                                   "response cache")
+        hits.add_metric([], status["hits"])
+        misses = CounterMetricFamily("llm_response_cache_misses", "deterministic requests the "
+                                     "response cache did not hold")
+        misses.add_metric([], status["misses"])
+        entries = GaugeMetricFamily("llm_response_cache_entries", "replies held "
+                                    "(RESPONSE_CACHE_SIZE at most)")
+        entries.add_metric([], status["entries"])
+        return [hits, misses, entries]
 
 
 def build_registry(backend) -> CollectorRegistry:

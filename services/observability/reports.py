@@ -19,6 +19,7 @@ def stats_report(backend) -> dict:
         "requests": requests,
         "endpoints": endpoints,
         "models": backend.stats.by_model(),
+        "keys": backend.requests.by_key(),
         **usage,
         "loaded_models": [{"name": m.name, "n_ctx": m.n_ctx, "instances": m.instances,
                            "in_use": m.in_use}
@@ -69,7 +70,8 @@ def cache_report(backend) -> dict:
     truth; other caches (DeepSeek's) are views over the same instances.
     """
     caches = cache_statuses(backend)
-    return {"caches": caches, "loaded_models": caches[0]["models"]}
+    return {"caches": caches, "loaded_models": caches[0]["models"],
+            "response_cache": backend.response_cache.status()}
 
 
 def cache_statuses(backend) -> list[dict]:

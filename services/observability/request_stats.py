@@ -1,7 +1,9 @@
-"""Counts of API requests per endpoint and status, fed by the HTTP layer once per reply.
+"""Counts of API requests per endpoint and status, and per key, fed by the HTTP layer once per
+reply.
 
 Endpoints are route templates (`POST /api/v1/models/<name>`), never raw paths, so the set of
-keys (and of Prometheus label values) stays bounded whatever clients send.
+keys (and of Prometheus label values) stays bounded whatever clients send; keys are counted by
+their names, which only an operator creates.
 """
 
 from __future__ import annotations
@@ -36,21 +38,35 @@ def classify(status: int, error_code: str | None) -> str:
 
 
 class RequestCounts:
-    """Thread-safe counts keyed by (method, route, status) and by (method, route, outcome)."""
+    """Thread-safe counts keyed by (method, route, status), by (method, route, outcome), and by
+    key name (requests per outcome and generated tokens)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._statuses: Counter[tuple[str, str, int]] = Counter()
         self._outcomes: Counter[tuple[str, str, str]] = Counter()
+        self._keys: dict[str, dict[str, int]] = {}
 
-    def record(self, method: str, route: str | None, status: int, error_code: str | None) -> str:
-        """Count one finished reply; returns its outcome."""
+    def record(self, method: str, route: str | None, status: int, error_code: str | None,
+               key: str | None = None, completion_tokens: int = 0) -> str:
+        """Count one finished reply (sent with the key named `key`, if any); its outcome."""
         outcome = classify(status, error_code)
         route = route or UNMATCHED
         with self._lock:
             self._statuses[method, route, status] += 1
             self._outcomes[method, route, outcome] += 1
+            if key is not None:
+                counts = self._keys.setdefault(
+                    key, {"total": 0, **dict.fromkeys(OUTCOMES, 0), "completion_tokens": 0})
+                counts["total"] += 1
+                counts[outcome] += 1
+                counts["completion_tokens"] += completion_tokens
         return outcome
+
+    def by_key(self) -> dict[str, dict[str, int]]:
+        """{key name: {"total", <outcome>: n..., "completion_tokens"}}, for /stats and /metrics."""
+        with self._lock:
+            return {key: dict(counts) for key, counts in sorted(self._keys.items())}
 
     def by_status(self) -> dict[tuple[str, str, int], int]:
         """{(method, route, status): count}, for /metrics."""
