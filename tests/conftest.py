@@ -95,7 +95,7 @@ def build_test_app(root: Path, model_file: Path, model_registry: str, loader=Non
         (models_dir / REGISTRY_FILE).write_text(model_registry)
         settings["MODELS_DIR"] = str(models_dir)
     config = {"APP_ENV": "testing", "DEEPSEEK_MODELS_DIR": str(root / "deepseek"),
-              "LOG_DIR": str(root / "logs"), "N_CTX": TEST_N_CTX, "MODEL_POOL_SIZE": 2,
+              "LOG_DIR": str(root / "logs"), "DATA_DIR": str(root / "data"), "N_CTX": TEST_N_CTX, "MODEL_POOL_SIZE": 2,
               "MAX_WORKERS": 2, **settings}
     return create_app(config, loader=loader)
 
