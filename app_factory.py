@@ -27,7 +27,10 @@ from services.keys import Authenticator
 from services.llm_service import LLMService
 from services.engine.memory import MemoryGuard
 from services.model_admin import ModelAdmin
-from services.model_pool import InstanceSettings, Loader, ModelPool, llamacpp_loader
+from services.model_events import ModelEvents
+from services.model_loading import InstanceSettings, Loader, llamacpp_loader
+from services.model_pool import ModelPool
+from services.model_preload import Preloader
 from services.observability.cache_report import ModelCache, PoolCache, registry_estimate
 from services.observability.load_meter import LoadMeter
 from services.observability.metrics import build_registry
@@ -64,14 +67,24 @@ class Backend:
     access: Authenticator | None = None
     limiter: RateLimiter | None = None
     response_cache: ResponseCache | None = None
+    # Model lifecycle: status changes as events, and PRELOAD_MODELS loading at start.
+    model_events: ModelEvents = field(default_factory=ModelEvents)
+    preloader: Preloader | None = None
 
     def close(self) -> None:
+        self.model_events.close(wait=2.0)   # open event streams end
+        if self.preloader is not None:
+            self.preloader.stop()
         self.concurrency.shutdown()
         if self.deepseek is not None:
             self.deepseek.close()
         for manager in self.model_admin.managers.values():
             manager.close()
-        self.pool.close()
+        self.pool.close()                   # a preload in progress ends with ShuttingDown
+        if self.preloader is not None:
+            self.preloader.join()
+        if self.access is not None and self.access.store is not None:
+            self.access.store.close()
         self.loggers.close()
 
 
@@ -92,19 +105,22 @@ def build_backend(config: Config, loader: Loader | None = None,
                                          siblings=siblings)}
     guard = MemoryGuard(config.MEMORY_RESERVE_BYTES)
     meter = LoadMeter()
+    events = ModelEvents()
     pool = ModelPool(config.MODEL_POOL_SIZE, meter.wrap(loader or llamacpp_loader(settings)),
                      guard.check, admit=servable_check(managers.values()),
-                     engine_settings=functools.partial(engine_settings, config))
+                     engine_settings=functools.partial(engine_settings, config),
+                     idle_seconds=config.MODEL_IDLE_SECONDS, events=events)
     stats = UsageStats()
     concurrency = ConcurrencyManager(config.MAX_CONCURRENT_REQUESTS, config.MAX_WORKERS,
                                      config.QUEUE_TIMEOUT, config.REQUEST_TIMEOUT,
                                      on_outcome=stats.record_outcome, caller=caller)
     response_cache = ResponseCache(config.RESPONSE_CACHE_SIZE)
+    loggers = configure_logging(config.LOG_DIR, config.LOG_MAX_BYTES, config.LOG_BACKUP_COUNT)
     backend = Backend(
         config=config,
-        loggers=configure_logging(config.LOG_DIR, config.LOG_MAX_BYTES, config.LOG_BACKUP_COUNT),
-        models=models, pool=pool,
-        model_admin=ModelAdmin(managers, pool, guard, config.kv_cache_tokens(config.N_CTX)),
+        loggers=loggers, models=models, pool=pool,
+        model_admin=ModelAdmin(managers, pool, guard, config.kv_cache_tokens(config.N_CTX),
+                               events),
         concurrency=concurrency, stats=stats,
         llm=LLMService(models, pool, concurrency, stats, config.N_CTX,
                        ChatTemplates(config.CHAT_TEMPLATE_TIMEOUT), response_cache),
@@ -112,7 +128,8 @@ def build_backend(config: Config, loader: Loader | None = None,
         access=Authenticator(config.API_KEYS, config.ADMIN_KEYS,
                              KeyStore(Path(config.DATA_DIR) / KEYS_FILE)),
         limiter=RateLimiter(config.RATE_LIMIT_STORAGE_URI, config.RATE_LIMIT_REQUESTS_PER_MINUTE,
-                            config.RATE_LIMIT_TOKENS_PER_MINUTE))
+                            config.RATE_LIMIT_TOKENS_PER_MINUTE, errors_log=loggers.errors),
+        model_events=events, preloader=Preloader(config.PRELOAD_MODELS, models, pool, events))
     backend.caches.append(PoolCache("pool", pool, meter,
                                     registry_estimate(managers.values())))
     backend.deepseek = build_deepseek(config, backend.model_admin, backend.llm)
@@ -129,7 +146,8 @@ def engine_settings(config: Config, n_ctx: int | None) -> EngineSettings:
     n_ctx = n_ctx or config.N_CTX
     return EngineSettings(slots=config.N_PARALLEL, kv_cells=config.kv_cache_tokens(n_ctx),
                           n_ctx=n_ctx, n_batch=config.N_BATCH,
-                          n_threads=config.threads_per_instance)
+                          n_threads=config.threads_per_instance,
+                          priority_aging_seconds=config.PRIORITY_AGING_SECONDS)
 
 
 def register_blueprints(app: Flask) -> None:
@@ -180,4 +198,15 @@ def create_app(config: Config | Mapping[str, Any] | None = None, *,
     register_blueprints(app)
     app.cli.add_command(models_cli)
     app.cli.add_command(keys_cli)
+    if not _in_cli_command():
+        app.extensions["llm"].preloader.start()
     return app
+
+
+def _in_cli_command() -> bool:
+    """Whether a `flask` command other than `run` builds this app (`flask keys list`, say):
+    such a command must not load PRELOAD_MODELS."""
+    import click
+
+    context = click.get_current_context(silent=True)
+    return context is not None and context.command.name != "run"

@@ -11,10 +11,12 @@ import os
 import secrets
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values, find_dotenv
 
 from services.errors import ConfigError
+from utils.redact import mask_uri
 
 GiB = 1024**3
 MiB = 1024**2
@@ -58,6 +60,16 @@ def _bool(raw: str) -> bool:
     if value not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
         raise ValueError("must be true or false")
     return value in ("true", "1", "yes", "on")
+
+
+def _storage_uri(raw: str) -> str:
+    """memory:// or redis://[:password@]host:port/db (rediss://, redis+unix:// too)"""
+    value = str(raw).strip()
+    scheme = value.partition("://")[0].lower() if "://" in value else ""
+    if scheme not in ("memory", "redis", "rediss", "redis+unix"):
+        raise ValueError("unsupported scheme")
+    urlsplit(value).port      # raises ValueError for a port that is not a number
+    return value
 
 
 def _threads(raw: str) -> int | None:
@@ -146,7 +158,7 @@ SETTINGS: tuple[Setting, ...] = (
             "API requests per minute per key (0: no limit; `flask keys limit` overrides per key)"),
     Setting("RATE_LIMIT_TOKENS_PER_MINUTE", _int(0), 0,
             "generated tokens per minute per key (0: no limit; overridable per key)"),
-    Setting("RATE_LIMIT_STORAGE_URI", _text, "memory://",
+    Setting("RATE_LIMIT_STORAGE_URI", _storage_uri, "memory://",
             "where limit counters live: memory:// (this process) or redis://host:port/db"),
     Setting("PRIORITY_AGING_SECONDS", _float(0.001), 10.0,
             "a waiting request rises one priority level per this many seconds (no starving)"),
@@ -206,10 +218,15 @@ class Config:
     def public_items(self) -> list[tuple[str, Any, str]]:
         """(name, value, help) for the startup log and docs page, secrets masked."""
         hidden = {"SECRET_KEY", "API_KEYS", "ADMIN_KEYS"}
-        return [
-            (s.name, "***" if s.name in hidden and getattr(self, s.name) else getattr(self, s.name), s.help)
-            for s in SETTINGS
-        ]
+
+        def shown(name: str) -> Any:
+            value = getattr(self, name)
+            if name in hidden and value:
+                return "***"
+            # A Redis password may be part of the URI.
+            return mask_uri(value) if name == "RATE_LIMIT_STORAGE_URI" else value
+
+        return [(s.name, shown(s.name), s.help) for s in SETTINGS]
 
 
 class DevelopmentConfig(Config):
@@ -243,7 +260,8 @@ def _parse(setting: Setting, raw: str) -> Any:
         return setting.parse(raw)
     except ValueError as exc:
         expected = setting.parse.__doc__ or "a valid value"
-        raise ConfigError(f"{setting.name}={raw!r} is invalid: expected {expected}") from exc
+        shown = mask_uri(raw)      # a URI's password stays out of the message
+        raise ConfigError(f"{setting.name}={shown!r} is invalid: expected {expected}") from exc
 
 
 def load_config(environ: Mapping[str, Any] | None = None) -> Config:

@@ -6,6 +6,7 @@ GIL while it computes, so threads inside the one process give the concurrency.
 """
 
 from config import load_config
+from services.model_events import MAX_EVENT_STREAMS
 
 _config = load_config()
 
@@ -14,8 +15,9 @@ workers = 1
 # gthread, reading request heads in its event loop and draining on SIGTERM: see that module.
 worker_class = "api.gunicorn_worker.DrainingThreadWorker"
 # Every admitted generation holds a thread while it waits or streams; a few more keep /health,
-# /stats and the refusals (429) answering when all of those are busy.
-threads = _config.MAX_CONCURRENT_REQUESTS + 8
+# /stats and the refusals (429) answering when all of those are busy, and each open model
+# events stream (at most MAX_EVENT_STREAMS) has its own.
+threads = _config.MAX_CONCURRENT_REQUESTS + 8 + MAX_EVENT_STREAMS
 timeout = int(_config.QUEUE_TIMEOUT + _config.REQUEST_TIMEOUT + 30)
 # The worker drains for SHUTDOWN_TIMEOUT (less a short reserve), then exits by itself; the
 # margin lets worker_exit close the backend (partial uploads discarded) before a SIGKILL.

@@ -23,7 +23,8 @@ from models.model_file import ModelFile
 from services.engine.chat_template import ChatTemplates
 from services.errors import BackendError, ModelLoadError
 from services.engine.memory import estimate_load
-from services.model_pool import LoadedModel, ModelPool, load_quietly
+from services.model_loading import load_quietly
+from services.model_pool import LoadedModel, ModelPool
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,9 @@ _ANY_HOST_ENDPOINTS = {"monitoring.health"}
 # Methods that change nothing; every other method is a write and must not come from a foreign page.
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # What a browser may expose to a page of another origin.
-_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After"]
+_EXPOSED_HEADERS = ["X-Request-ID", "Retry-After", "X-Cache", "X-RateLimit-Limit",
+                    "X-RateLimit-Remaining", "X-RateLimit-Reset", "X-RateLimit-Limit-Tokens",
+                    "X-RateLimit-Remaining-Tokens", "X-RateLimit-Reset-Tokens"]
 
 
 def _host_name(host: str) -> str | None:

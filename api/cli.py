@@ -1,14 +1,20 @@
-"""Operator commands: `flask --app app_factory models list | import PATH | remove NAME`."""
+"""Operator commands: `flask --app app_factory models list | import PATH | remove NAME` and
+`flask --app app_factory keys create | list | revoke NAME | limit NAME`."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 from flask import current_app
 from flask.cli import AppGroup
 
 from services.errors import BackendError
+from services.key_store import KEEP, KeyRecord
+from services.keys import SCOPES
+from services.types import NORMAL, PRIORITIES
 
 models_cli = AppGroup("models", help="List, import and remove models.")
 keys_cli = AppGroup("keys", help="Create, list and revoke API keys.")
@@ -60,3 +66,124 @@ def remove_model(name: str):
     except BackendError as exc:
         raise click.ClickException(exc.message) from None
     click.echo(f"removed {removed['removed']['name']}")
+
+
+class _Limit(click.ParamType):
+    """A per-key limit: a whole number (0: no limit for this key) or `default` (the server's
+    RATE_LIMIT_* setting)."""
+
+    name = "N|default"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int) or value == "default":
+            return None if value == "default" else value
+        if str(value).isdigit():
+            return int(value)
+        self.fail(f"{value!r} is not a whole number or 'default'", param, ctx)
+
+
+_RPM = click.option("--requests-per-minute", "rpm", type=_Limit(), default=None,
+                    help="this key's API requests per minute (0: unlimited; default: "
+                         "RATE_LIMIT_REQUESTS_PER_MINUTE)")
+_TPM = click.option("--tokens-per-minute", "tpm", type=_Limit(), default=None,
+                    help="this key's generated tokens per minute (0: unlimited; default: "
+                         "RATE_LIMIT_TOKENS_PER_MINUTE)")
+
+
+def _access():
+    return current_app.extensions["llm"].access
+
+
+def _fail(exc: BackendError) -> click.ClickException:
+    """The error for the operator, with its cause (a damaged key file says why)."""
+    return click.ClickException(exc.message + (f" ({exc.__cause__})" if exc.__cause__ else ""))
+
+
+@keys_cli.command("create")
+@click.option("--name", required=True, help="what logs, /stats and /metrics call the key")
+@click.option("--scope", required=True, type=click.Choice(list(SCOPES)),
+              help="inference: generate, chat, embed, read; admin: also upload, delete, "
+                   "load, unload")
+@click.option("--priority", type=click.Choice(PRIORITIES), default=NORMAL, show_default=True,
+              help="its requests' priority, and the highest X-Request-Priority it may ask for")
+@_RPM
+@_TPM
+def create_key(name: str, scope: str, priority: str, rpm, tpm):
+    """Create a key and print it once: only its hash is kept."""
+    try:
+        record, secret = _access().store.create(name, scope, priority, rpm, tpm)
+    except BackendError as exc:
+        raise _fail(exc) from None
+    click.echo(secret)
+    click.echo(f"created key {record.name!r} ({_describe(record)}). Store it now: it is not "
+               f"shown again. Send it as 'Authorization: Bearer <key>'.", err=True)
+
+
+@keys_cli.command("list")
+def list_keys():
+    """List keys: name, scope, priority, limits, created, last used, revoked (never the key)."""
+    access = _access()
+    try:
+        records = access.store.list()
+    except BackendError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{'NAME':<24} {'SCOPE':<9} {'PRIORITY':<8} {'REQ/MIN':>9} {'TOKENS/MIN':>10} "
+               f"{'CREATED':<20} {'LAST USED':<20} REVOKED")
+    for record in records:
+        rpm, tpm = _limit(record.requests_per_minute), _limit(record.tokens_per_minute)
+        click.echo(f"{record.name:<24} {record.scope:<9} {record.priority:<8} {rpm:>9} {tpm:>10} "
+                   f"{_when(record.created):<20} {_when(record.last_used):<20} "
+                   f"{_when(record.revoked_at)}")
+    for name, scope in access.settings_keys():
+        click.echo(f"{name:<24} {scope:<9} (from the {'ADMIN' if scope == 'admin' else 'API'}"
+                   f"_KEYS setting)")
+    if not records and not access.settings_keys():
+        click.echo("no keys: the server is open to anyone who can reach it", err=True)
+
+
+@keys_cli.command("revoke")
+@click.argument("name")
+def revoke_key(name: str):
+    """Revoke a key: every server process refuses it from the next request on."""
+    access = _access()
+    try:
+        access.store.revoke(name)
+        live = [record for record in access.store.list() if record.revoked_at is None]
+    except BackendError as exc:
+        raise _fail(exc) from None
+    click.echo(f"revoked {name!r}")
+    if not live and not access.settings_keys():
+        click.echo("no live key remains: the server refuses every request until you create "
+                   "one (revoking never opens it)", err=True)
+
+
+@keys_cli.command("limit")
+@click.argument("name")
+@_RPM
+@_TPM
+@click.pass_context
+def limit_key(ctx: click.Context, name: str, rpm, tpm):
+    """Set a key's own limits (a number, 0 for unlimited, or 'default' for the server's)."""
+    given = {option: value if ctx.get_parameter_source(option) != ParameterSource.DEFAULT else KEEP
+             for option, value in (("rpm", rpm), ("tpm", tpm))}
+    if given["rpm"] is KEEP and given["tpm"] is KEEP:
+        raise click.UsageError("give --requests-per-minute and/or --tokens-per-minute")
+    try:
+        record = _access().store.set_limits(name, given["rpm"], given["tpm"])
+    except BackendError as exc:
+        raise _fail(exc) from None
+    click.echo(f"{record.name!r}: {_describe(record)}")
+
+
+def _describe(record: KeyRecord) -> str:
+    return (f"scope {record.scope}, priority {record.priority}, "
+            f"{_limit(record.requests_per_minute)} requests/min, "
+            f"{_limit(record.tokens_per_minute)} tokens/min")
+
+
+def _limit(value: int | None) -> str:
+    return "default" if value is None else "unlimited" if value == 0 else str(value)
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(timestamp)) if timestamp else "-"

@@ -10,7 +10,7 @@ from flask import g
 from api import backend
 from api.client import client_gone_check
 from api.http import log_fields
-from api.relay import log_started
+from api.relay import log_cache, log_started
 from services.choices import Choices, start_choices
 from services.llm_service import GenerationStream
 from services.types import Prompt, SamplingParams
@@ -44,4 +44,5 @@ def start_choice_generations(model: str | None, requests: list[tuple[Prompt, Sam
     g.log_fields.update(model=started[0].model,
                         prompt_tokens=sum(s.prompt_tokens for s in started),
                         queue_ms=round(max(s.queue_ms for s in started), 1))
+    log_cache(*started)
     return choices

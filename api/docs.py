@@ -1,7 +1,8 @@
 """The docs page (GET /), generated from the routes themselves so it cannot drift from the code.
 
-Every view carries its docstring and, through `@document`, its parameter table and examples;
-the page walks `app.url_map` and renders what it finds, plus a streaming playground.
+Every view carries its docstring and, through `@document`, its parameter table and examples,
+and through `@admin_only` the scope of key it needs; the page walks `app.url_map` and renders
+what it finds, plus a streaming playground.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any, Callable
 from flask import Blueprint, current_app, render_template, request
 
 from api import backend
+from api.access import required_scope
 
 bp = Blueprint("docs", __name__, template_folder="templates")
 
@@ -45,6 +47,7 @@ def describe_endpoints(app, base_url: str) -> list[dict]:
             path = rule.rule.replace("<name>", "gemma-3-270m-q4_k_m.gguf")
             entries.append({
                 "method": method, "rule": rule.rule, "endpoint": rule.endpoint,
+                "scope": required_scope(app, rule.endpoint),
                 "summary": summary, "details": details.strip(), "params": meta.get("params", ()),
                 "curl": meta["curl"].format(base=base_url) if meta.get("curl")
                 else _curl(method, base_url + path, meta.get("example")),

@@ -28,6 +28,7 @@ STATUS_BY_ERROR: dict[type[e.BackendError], int] = {
     e.DecodeFailed: 500,
     e.ClientGone: 499,      # nginx's "client closed request": never read by anyone
     e.QueueTimeout: 503,
+    e.KeyStoreUnavailable: 503,
     e.ShuttingDown: 503,
     e.ModelOnTrial: 503,
     e.GenerationTimeout: 504,

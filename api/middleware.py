@@ -84,7 +84,8 @@ def register_request_hooks(app: Flask) -> None:
             line.update(fields)
             access_log.info("request", extra={"fields": line})
             if counted:
-                tokens = fields.get("completion_tokens") or 0
+                # A reply the response cache gave generated nothing: it costs no token budget.
+                tokens = 0 if fields.get("cache") == "hit" else fields.get("completion_tokens") or 0
                 counts.record(line["method"], line["route"], line["status"], fields.get("error"),
                               key=principal.name, completion_tokens=tokens)
                 if tokens:

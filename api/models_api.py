@@ -6,6 +6,7 @@ from flask import Blueprint, jsonify, request
 from werkzeug.exceptions import UnsupportedMediaType
 
 from api import backend
+from api.access import admin_only
 from api.docs import document
 from services.errors import InvalidRequest
 
@@ -42,6 +43,7 @@ def model_info(name: str):
 @document(reply=_MODEL, curl="curl -X POST {base}/api/v1/models -F file=@model.gguf "
                               "-F name=my-model [-F sha256=<hex>] [-F type=deepseek] "
                               "[-F overwrite=true]")
+@admin_only
 def upload_model():
     """Upload a GGUF model (multipart field `file`; optional `name`, `sha256`, `type`,
     `overwrite`): 201 once it passed its trial.
@@ -77,6 +79,7 @@ def upload_model():
 
 @bp.delete("/models/<name>")
 @document(reply={"removed": _MODEL, "instances_closed": 1})
+@admin_only
 def delete_model(name: str):
     """Delete a model's file and metadata and evict its instances; 404 if unknown.
 

@@ -56,13 +56,15 @@ def stats():
 @bp.get("/stats/concurrency")
 @document(reply={"limits": {"MAX_CONCURRENT_REQUESTS": 10, "MAX_WORKERS": 4, "MODEL_POOL_SIZE": 3,
                             "QUEUE_TIMEOUT": 30.0, "REQUEST_TIMEOUT": 300.0},
-                 "in_flight": 5, "active": 3, "queued": 2, "succeeded": 40, "failed": 0,
-                 "rejected": 2, "timed_out": 0, "queue_timed_out": 0, "cancelled": 1,
+                 "in_flight": 5, "active": 3, "queued": 2,
+                 "queued_by_priority": {"high": 1, "normal": 1, "low": 0}, "succeeded": 40,
+                 "failed": 0, "rejected": 2, "timed_out": 0, "queue_timed_out": 0, "cancelled": 1,
                  "draining": False, "workers": {"max": 4, "busy": 4, "started": 4, "alive": 4},
                  "queue_wait_ms": {"p50": 0.3, "p95": 812.0, "samples": 43},
                  "window_seconds": 300.0})
 def concurrency_stats():
-    """Limits; requests in flight, active (holding an instance) and queued; queue wait; refusals."""
+    """Limits; requests in flight, active (holding a slot) and queued (also per priority); queue
+    wait; refusals."""
     return jsonify(concurrency_report(backend()))
 
 
@@ -96,5 +98,6 @@ def metrics():
 @bp.get("/dashboard")
 @document(reply="text/html")
 def dashboard():
-    """Live charts of /stats and /stats/concurrency, polled every 2 s (no external assets)."""
+    """Live charts of /stats and /stats/concurrency, polled every 2 s, and the model events
+    (GET /api/v1/models/events) as they happen; no external assets."""
     return render_template("dashboard.html", auth=backend().access.required)

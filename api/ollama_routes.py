@@ -20,6 +20,7 @@ from typing import Iterable
 from flask import Blueprint, Response, g, jsonify
 
 from api import backend
+from api.access import admin_only
 from api.compat import start_generation
 from api.docs import document
 from api.errors import ollama_error
@@ -201,6 +202,7 @@ def pull():
 
 @bp.post("/copy")
 @document(params=COPY_PARAMS, example={"source": _NAME, "destination": "my-gemma"})
+@admin_only
 def copy():
     """Copy a model under a new name, served at once (Ollama copy): 200; 404 for an unknown
     source; 409 if the destination exists (a copy never replaces a model)."""
@@ -214,6 +216,7 @@ def copy():
 @document(params=MODEL_PARAMS,
           curl="curl -X DELETE {base}/api/delete -H 'Content-Type: application/json' "
                "-d '{{\"model\": \"" + _NAME + "\"}}'")
+@admin_only
 def delete():
     """Delete a model's file and evict its instances (Ollama delete): 200, or 404 if unknown."""
     backend().model_admin.remove(parse_model(_body()), "gguf")

@@ -62,9 +62,18 @@ def relay(events: Iterable, close: Callable[[], None], wire: Wire) -> Response:
 
 
 def log_started(started: Any) -> None:
-    """Put a started generation's model, prompt size and queue wait on the access-log line."""
+    """Put a started generation's model, prompt size and queue wait on the access-log line, and
+    "cache": "hit" when the response cache answers it (the reply then says `X-Cache: HIT`)."""
     g.log_fields.update(model=started.model, prompt_tokens=started.prompt_tokens,
                         queue_ms=round(started.queue_ms, 1))
+    log_cache(started)
+
+
+def log_cache(*started: Any) -> None:
+    """Mark the access-log line "cache": "hit" (and the reply `X-Cache: HIT`, added by
+    api/middleware.py) when the response cache answered every generation of the reply."""
+    if started and all(s.cached for s in started):
+        g.log_fields["cache"] = "hit"
 
 
 def log_result(result: Any, fields: dict | None = None, text: bool = False) -> Any:

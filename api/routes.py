@@ -41,13 +41,11 @@ def generate():
     log_fields(model=request.model)
     if log_text:  # prompts and outputs stay out of the logs unless the operator asks
         log_fields(system=request.system, prompt=request.prompt)
+    stream = service.stream(request, client_gone_check())
+    log_started(stream.started)
     if request.stream:
-        stream = service.stream(request, client_gone_check())
-        log_started(stream.started)
         return relay(stream, stream.close, Wire(_sse_event(g.request_id), log_text=log_text))
-    result = service.generate(request, client_gone_check())
-    log_fields(model=result.model, queue_ms=round(result.timings.queue_ms, 1))
-    log_result(result, text=log_text)
+    result = log_result(stream.collect(), text=log_text)
     return jsonify(request_id=g.request_id, **finished_fields(result))
 
 
@@ -72,6 +70,9 @@ def _sse_event(request_id: str):
 @bp.get("/health")
 @document(reply={"status": "ok", "reasons": [], "models": 1, "workers": {"max": 4, "busy": 0}})
 def detailed_health():
-    """Readiness: models present, workers alive, memory and disk; status ok, degraded or down."""
+    """Readiness: models present, PRELOAD_MODELS loaded, workers alive, memory and disk.
+
+    Status ok or degraded (200); starting (503 while PRELOAD_MODELS load) or down (503).
+    """
     report = health_report(backend())
-    return jsonify(report), 200 if report["status"] != "down" else 503
+    return jsonify(report), 503 if report["status"] in ("down", "starting") else 200

@@ -185,7 +185,7 @@ def main(path: str, n_ctx: int, n_batch: int) -> int:
         import services.engine.batch_engine  # noqa: F401
         import services.dialects.json_mode  # noqa: F401
         from services.embeddings import embedding_loader
-        from services.model_pool import InstanceSettings, close_instance, llamacpp_loader
+        from services.model_loading import InstanceSettings, close_instance, llamacpp_loader
     except Exception as exc:
         print(f"the trial cannot run: {exc!r}", file=sys.stderr)
         return HARNESS_FAILED

@@ -24,8 +24,8 @@ from typing import Any, Callable
 from services.errors import (ClientGone, GenerationTimeout, JobCancelled, QueueTimeout,
                              ShuttingDown, TooBusy)
 from services.observability.window import SlidingWindow
-from services.types import (ANONYMOUS, CANCELLED, FAILED, OUTCOMES, QUEUE_TIMED_OUT, REJECTED,
-                            SUCCEEDED, TIMED_OUT, Caller)
+from services.types import (ANONYMOUS, CANCELLED, FAILED, OUTCOMES, PRIORITIES, QUEUE_TIMED_OUT,
+                            REJECTED, SUCCEEDED, TIMED_OUT, Caller)
 
 # Called once per counted ending: (label, outcome), e.g. the model's name and "succeeded".
 OutcomeSink = Callable[[str, str], None]
@@ -193,6 +193,7 @@ class ConcurrencySnapshot:
     in_flight: int
     active: int  # holding a slot (decoding) or an embedding instance
     queued: int  # admitted, waiting for a worker, a model load or a slot
+    queued_by_priority: dict  # the queued ones by their caller's priority (high, normal, low)
     workers_busy: int
     workers_started: int  # threads start on demand, up to MAX_WORKERS
     workers_alive: int
@@ -336,10 +337,20 @@ class ConcurrencyManager:
                 max_concurrent_requests=self.max_concurrent, max_workers=self.max_workers,
                 queue_timeout=self.queue_timeout, request_timeout=self.request_timeout,
                 in_flight=self._in_flight, active=self._active,
-                queued=self._in_flight - self._active, workers_busy=self._busy,
+                queued=self._in_flight - self._active,
+                queued_by_priority=self._queued_by_priority(), workers_busy=self._busy,
                 workers_started=len(self._workers),
                 workers_alive=sum(worker.is_alive() for worker in self._workers),
                 outcomes=dict(self._counts), draining=self._draining)
+
+    def _queued_by_priority(self) -> dict:
+        """Counted jobs not yet holding a slot, per priority (lock held; a job's `reserved_at`
+        is read without its lock: a job reserving now is counted on one side or the other)."""
+        counts = dict.fromkeys(PRIORITIES, 0)
+        for job in self._jobs:
+            if job.counted and job.reserved_at is None:
+                counts[job.caller.priority] += 1
+        return counts
 
     def begin_drain(self) -> None:
         """Stop admitting (new jobs get ShuttingDown, readiness turns 503); running ones go on."""

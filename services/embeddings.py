@@ -21,7 +21,8 @@ from models.model_manager import ModelManager
 from services.concurrency_manager import ConcurrencyManager, Job
 from services.errors import ContextOverflow, InvalidRequest
 from services.engine.memory import estimate_load
-from services.model_pool import InstanceSettings, Loader, ModelPool, load_quietly, variant_name
+from services.model_loading import InstanceSettings, Loader, load_quietly
+from services.model_pool import ModelPool, variant_name
 from services.observability.stats import UsageStats
 
 MAX_INPUTS = 2048

@@ -97,6 +97,13 @@ class Forbidden(BackendError):
     code = "forbidden"
 
 
+class KeyStoreUnavailable(BackendError):
+    """The key file cannot be read while the server runs (replaced, damaged, a disk error):
+    requests are refused, never let through. The cause goes to errors.log, not to clients."""
+
+    code = "key_store_unavailable"
+
+
 class HostNotAllowed(BackendError):
     """The Host header names no host in ALLOWED_HOSTS (a DNS-rebinding page, say)."""
 

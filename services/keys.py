@@ -3,7 +3,8 @@
 Keys come from two places: the settings (`API_KEYS` inference keys, `ADMIN_KEYS` admin keys;
 for simple setups) and the key store, a SQLite file under DATA_DIR that `flask keys create`
 fills. Only a hash of a stored key is kept. When no key exists anywhere the server is open and
-every request acts as an admin without a name.
+every request acts as an admin without a name; once a key was ever stored, revoking keys never
+opens the server again.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from services.errors import Forbidden, Unauthorized
 from services.types import NORMAL, PRIORITIES
 
 INFERENCE, ADMIN = "inference", "admin"
+# Longer than any key this server hands out or anyone would configure: refused before hashing
+# or comparing, so a megabyte header costs nothing.
+MAX_KEY_CHARS = 1024
 # Each scope with the scopes it covers: an admin key may do whatever an inference key may.
 SCOPES = {INFERENCE: {INFERENCE}, ADMIN: {INFERENCE, ADMIN}}
 
@@ -46,14 +50,20 @@ class Authenticator:
     """Turns the `Authorization` header into a Principal: the settings' keys, then the store."""
 
     def __init__(self, api_keys: tuple[str, ...], admin_keys: tuple[str, ...], store=None):
-        self._configured = [(key.encode(), INFERENCE) for key in api_keys] + [
-            (key.encode(), ADMIN) for key in admin_keys]
+        self._configured = [(_encode(key), INFERENCE) for key in api_keys] + [
+            (_encode(key), ADMIN) for key in admin_keys]
         self.store = store
 
     @property
     def required(self) -> bool:
-        """Whether requests must carry a key: some key exists (set, or stored and not revoked)."""
+        """Whether requests must carry a key: a key is set, or one was ever stored (revoked
+        included, so revoking the last key locks the server rather than opening it)."""
         return bool(self._configured) or (self.store is not None and self.store.has_keys())
+
+    def settings_keys(self) -> list[tuple[str, str]]:
+        """(name, scope) of each key from API_KEYS and ADMIN_KEYS, as logs and /stats name them."""
+        return [(_settings_name(index, scope), scope)
+                for index, (_, scope) in enumerate(self._configured)]
 
     def authenticate(self, authorization: str | None) -> Principal:
         """The Principal an `Authorization: Bearer <key>` header names (OPEN when no key exists).
@@ -64,8 +74,8 @@ class Authenticator:
             return OPEN
         scheme, _, presented = (authorization or "").partition(" ")
         secret = presented.strip()
-        if scheme.lower() == "bearer" and secret:
-            principal = self._configured_key(secret.encode())
+        if scheme.lower() == "bearer" and 0 < len(secret) <= MAX_KEY_CHARS:
+            principal = self._configured_key(_encode(secret))
             if principal is None and self.store is not None:
                 principal = self.store.authenticate(secret)
             if principal is not None:
@@ -78,5 +88,16 @@ class Authenticator:
         found = None
         for index, (key, scope) in enumerate(self._configured):
             if hmac.compare_digest(presented, key) and found is None:
-                found = Principal(name=f"{scope}-key-{index + 1}", scope=scope)
+                found = Principal(name=_settings_name(index, scope), scope=scope)
         return found
+
+
+def _settings_name(index: int, scope: str) -> str:
+    """`inference-key-1`, `admin-key-3`: the 1-based place in API_KEYS followed by ADMIN_KEYS
+    (the key store refuses these names, so no stored key can pose as one)."""
+    return f"{scope}-key-{index + 1}"
+
+
+def _encode(key: str) -> bytes:
+    """UTF-8 bytes of any string, a header's stray surrogates included (never an error)."""
+    return key.encode("utf-8", "surrogatepass")

@@ -5,8 +5,13 @@ Every generation, whole or streamed, runs the same way: the concurrency manager 
 runs `_prepare` on a worker, which gets the model's engine (loading it on first use), turns the
 prompt into tokens, refuses what cannot run, and hands a `Sequence` to the engine. The engine's
 thread reports through `_SequenceEvents`, which puts events on the caller's queue, records the
-tokens, and ends the job once. The caller's thread reads the queue; a caller that stops reading (client
-gone, timeout) cancels the job, and the engine frees the slot at its next step.
+tokens, and ends the job once. The caller's thread reads the queue; a caller that stops reading
+(client gone, timeout) cancels the job, and the engine frees the slot at its next step.
+
+A deterministic request the response cache holds is answered from it in `_prepare`, after
+tokenizing (the key holds the prompt's tokens), without the engine; a miss is recorded by its
+`_SequenceEvents` and kept once it ends complete. Waiting sequences are admitted by their
+caller's priority (services/engine/batch_engine.py).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import functools
 import time
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator
 
 from langchain_core.prompts import PromptTemplate
 
@@ -28,7 +33,7 @@ from services.engine.sequence import Sequence as EngineSequence, check_token_ids
 from services.errors import ContextOverflow
 from services.model_pool import ModelPool
 from services.observability.stats import UsageStats
-from services.response_cache import ResponseCache
+from services.response_cache import CachedReply, ResponseCache
 from services.types import (SUCCEEDED, Finished, Prompt, Render, SamplingParams,
                             Started, Timings, Token, Usage)
 
@@ -87,18 +92,24 @@ class GenerationStream:
 
 class _SequenceEvents:
     """Hears one sequence on the engine's thread: events to the caller's queue, tokens to the
-    statistics, and the job's one ending."""
+    statistics, the reply to the response cache (under `cache_key`, when it is cacheable), and
+    the job's one ending."""
 
     def __init__(self, service: "LLMService", job: Job, model: str, received_at: float,
-                 load_seconds: float):
+                 load_seconds: float, cache_key: Hashable | None = None):
         self._service, self._job, self._events, self._model = service, job, job.events, model
         self._received_at, self._load_seconds = received_at, load_seconds
+        self._cache_key = cache_key
+        self._tokens: list[Token] = []
 
     def admitted(self, sequence: EngineSequence) -> None:
         self._events.put(Started(self._model, len(sequence.tokens), self._job.queue_seconds * 1000))
 
     def text(self, sequence: EngineSequence, piece: str) -> None:
-        self._events.put(Token(piece, sequence.piece_logprobs))
+        token = Token(piece, sequence.piece_logprobs)
+        if self._cache_key is not None:
+            self._tokens.append(token)
+        self._events.put(token)
 
     def ended(self, sequence: EngineSequence, error: BaseException | None) -> None:
         job, now = self._job, time.monotonic()
@@ -113,7 +124,7 @@ class _SequenceEvents:
             self._events.put(error)
             job.end(outcome_of(error))
             return
-        self._events.put(Finished(
+        finished = Finished(
             model=self._model, text="".join(sequence.pieces),
             finish_reason=sequence.finish_reason,
             usage=Usage(len(sequence.tokens), sequence.completion_tokens),
@@ -125,7 +136,12 @@ class _SequenceEvents:
                             if sequence.first_token_at else generation_seconds * 1000),
             logprobs=tuple(sequence.logprobs),
             prompt_logprobs=tuple(sequence.prompt_logprobs)
-            if sequence.params.prompt_logprobs else ()))
+            if sequence.params.prompt_logprobs else ())
+        if self._cache_key is not None:
+            # Before the reply is sent: a client that repeats it at once finds it.
+            self._service.response_cache.put(self._cache_key,
+                                             CachedReply(tuple(self._tokens), finished))
+        self._events.put(finished)
         job.end(SUCCEEDED)
 
 
@@ -203,14 +219,42 @@ class LLMService:
                                                                     check=job.check))
                 check_fits(len(tokens), sampling.max_tokens, engine.settings.n_ctx)
                 check_grammar(engine.vocab, sampling.grammar, sampling.grammar_triggers)
-                events = _SequenceEvents(self, job, model.name, received_at, load_seconds)
+                key = self.response_cache.key(model.sha256, engine.settings.n_ctx, tokens,
+                                              sampling)
+                cached = self.response_cache.get(key) if key is not None else None
+                if cached is not None:
+                    replay(job, model.name, len(tokens), cached, load_seconds)
+                    return
+                events = _SequenceEvents(self, job, model.name, received_at, load_seconds, key)
                 job.hand_off()
                 engine.submit(EngineSequence(tokens, sampling, engine.settings.n_ctx, job,
-                                             events))
+                                             events), rank=job.caller.rank)
         except BaseException as exc:
             self.stats.record(model.name, False, 0, 0, job.queue_seconds, 0.0)
             job.events.put(exc)
             raise
+
+
+def replay(job: Job, model: str, prompt_tokens: int, cached: CachedReply,
+           load_seconds: float) -> None:
+    """Answer `job` from the response cache: Started (marked cached), the recorded tokens, and
+    the Finished with timings of no generation. The job then ends as succeeded; /stats counts it
+    as a request of the model but not as a generation (no tokens, speed or latency samples):
+    those describe the model's work, and the cache's hits are in /cache/status and /metrics.
+
+    :raise QueueTimeout: the caller stopped waiting meanwhile.
+    """
+    job.reserve()
+    job.start()
+    queue_ms = job.queue_seconds * 1000
+    job.events.put(Started(model, prompt_tokens, queue_ms, cached=True))
+    for token in cached.tokens:
+        job.events.put(token)
+    # generation_ms is the replay's own few microseconds (not 0: clients divide by durations);
+    # tokens_per_second 0 says nothing was generated.
+    replay_ms = (time.monotonic() - job.started_at) * 1000
+    job.events.put(replace(cached.finished, model=model, timings=Timings(
+        queue_ms, replay_ms, 0.0, load_ms=load_seconds * 1000)))
 
 
 def prepare_prompt(llm: Any, prompt: Prompt, sampling: SamplingParams,

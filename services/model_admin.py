@@ -2,6 +2,7 @@
 
 Each model type ("gguf", "deepseek") has its own directory and ModelManager; this is the one
 place that knows all of them, so an upload, a delete or a listing means the same thing for both.
+Uploads, imports and copies are published as `uploaded` model events, deletes as `deleted`.
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from models.model_manager import ModelManager
 from models.uploads import HashingFile, expected_sha256, model_file_name, sanitised_file_name
 from services.errors import InvalidRequest, ModelNotFound
 from services.engine.memory import MemoryGuard, estimate_load, system_report
+from services.model_events import ModelEvents
 from services.model_pool import ModelPool, model_of
 
 
 class ModelAdmin:
     def __init__(self, managers: dict[str, ModelManager], pool: ModelPool, guard: MemoryGuard,
-                 kv_cells: int):
+                 kv_cells: int, events: ModelEvents | None = None):
         self.managers = managers
         self.pool = pool
         self.guard = guard
         self.kv_cells = kv_cells
+        self.events = events or pool.events
 
     def manager(self, model_type: str | None) -> ModelManager:
         """:raise InvalidRequest: not a known model type."""
@@ -46,7 +49,9 @@ class ModelAdmin:
         manager = self.manager(model_type)
         file_name = model_file_name(name) if name else sanitised_file_name(filename or "")
         model = manager.add(incoming, file_name, overwrite, source, expected_sha256(sha256))
-        self.pool.evict(model.name)
+        self.pool.evict(model.name, reason="replaced")
+        self.events.publish("uploaded", model.name, type=model.type, source=source,
+                            sha256=model.sha256)
         return self._describe(model)
 
     def copy(self, source: str, destination: str, model_type: str | None = None) -> dict:
@@ -64,7 +69,10 @@ class ModelAdmin:
             model_file_name(destination)
         except InvalidRequest as exc:
             raise InvalidRequest(exc.message, param="destination") from None
-        return self._describe(manager.copy(source, destination))
+        model = manager.copy(source, destination)
+        self.events.publish("uploaded", model.name, type=model.type, source="copy",
+                            copied_from=source, sha256=model.sha256)
+        return self._describe(model)
 
     def remove(self, name: str, model_type: str | None = None) -> dict:
         """Delete a model; running generations finish on the old file, then its instances go.
@@ -73,7 +81,8 @@ class ModelAdmin:
         """
         manager = self._manager_holding(name, model_type)
         model = manager.remove(name)
-        closed = self.pool.evict(model.name)
+        closed = self.pool.evict(model.name, reason="deleted")
+        self.events.publish("deleted", model.name, type=model.type)
         return {"removed": model.to_dict(), "instances_closed": closed}
 
     def list(self, model_type: str | None = None) -> list[dict]:

@@ -7,16 +7,13 @@ embedding context) to one caller and takes it back in `finally`, whatever happen
 created lazily, up to MODEL_POOL_SIZE per variant. Names follow Ollama's scheduler: `load`,
 `evict`, `loaded_models`.
 
-A model may be given a deadline (`expire_at`: Ollama's keep_alive, later an idle timeout): a
-timer thread, started with the first deadline, unloads it once the deadline has passed and
-nothing of it is in use. Any new use of the model clears its deadline; the request that set it
-sets it again when it ends.
+A model may be given a deadline (`expire_at`: Ollama's keep_alive), and with MODEL_IDLE_SECONDS
+one that is not used for that long is unloaded (services/model_expiry.py keeps both). Loads,
+failed loads and unloads are published as model events (services/model_events.py).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import threading
 import time
@@ -27,16 +24,14 @@ from typing import Any, Callable, Iterator
 from services.engine.batch_engine import BatchEngine, EngineSettings
 from services.engine.memory import LoadCost
 from services.errors import BackendError, ModelLoadError, QueueTimeout, ShuttingDown
+from services.model_events import ModelEvents
+from services.model_expiry import Expiry
+from services.model_loading import Loader, close_instance
 
 log = logging.getLogger(__name__)
 
-# Called as loader(path): an object whose `.client` is the model's llama_cpp.Llama.
-Loader = Callable[..., Any]
 # The engine settings for requests of n_ctx tokens (None: N_CTX).
 EngineSettingsFor = Callable[["int | None"], EngineSettings]
-
-# How often a model whose deadline has passed is looked at again while it is still in use.
-EXPIRY_RECHECK = 0.25
 
 # Instances of one file loaded differently (with embeddings on, say) are pooled under the
 # model's name, this mark and the variant, so evicting the model evicts them too.
@@ -53,54 +48,9 @@ def model_of(pool_name: str) -> str:
     return pool_name.split(VARIANT_MARK, 1)[0]
 
 
-@dataclass(frozen=True)
-class InstanceSettings:
-    """What every pooled llama.cpp instance is built with."""
-
-    n_ctx: int
-    n_batch: int
-    n_threads: int
-    n_gpu_layers: int
-
-
-# llama-cpp-python's verbose=False silences a load by dup2-ing the process's stdout/stderr to
-# /dev/null: every other thread's console output vanishes meanwhile, and two loads at once can
-# leave stderr redirected for good. So instances load verbose, one at a time, with only
-# sys.stderr redirected (log handlers keep the real stream), and are made quiet afterwards.
-_STDERR_SWAP = threading.Lock()
-
-
-def load_quietly(load: Callable[[], Any]) -> Any:
-    """Run another llama.cpp load (a tokenizer, say) under the same rules as the instances'."""
-    with _STDERR_SWAP, contextlib.redirect_stderr(io.StringIO()):
-        return load()
-
-
-def llamacpp_loader(settings: InstanceSettings) -> Loader:
-    """The real loader: a LangChain `LlamaCpp` whose `.client` is the `llama_cpp.Llama`."""
-
-    def load(path: str) -> Any:
-        from langchain_community.llms import LlamaCpp
-
-        # The Llama's own context only tokenizes and reads metadata: the engine decodes in a
-        # context of its own, so this one stays small.
-        with _STDERR_SWAP, contextlib.redirect_stderr(io.StringIO()):
-            instance = LlamaCpp(model_path=path, n_ctx=min(settings.n_ctx, 256),
-                                n_batch=min(settings.n_batch, 256), n_threads=settings.n_threads,
-                                n_gpu_layers=settings.n_gpu_layers,
-                                model_kwargs={"n_threads_batch": settings.n_threads}, verbose=True)
-            logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
-        instance.client.verbose = False
-        return instance
-
-    return load
-
-
-def close_instance(instance: Any) -> None:
-    """Free an instance's llama.cpp model and context now rather than at garbage collection."""
-    client = getattr(instance, "client", None)
-    if client is not None and hasattr(client, "close"):
-        client.close()
+def close_instances(instances: list) -> None:
+    for instance in instances:
+        close_instance(instance)
 
 
 @dataclass(frozen=True)
@@ -156,9 +106,11 @@ class ModelPool:
     def __init__(self, size: int, loader: Loader,
                  memory_check: Callable[[str, int], None] = lambda name, needed: None,
                  admit: Callable[[str], None] = lambda path: None,
-                 engine_settings: EngineSettingsFor | None = None):
+                 engine_settings: EngineSettingsFor | None = None, idle_seconds: float = 0.0,
+                 events: ModelEvents | None = None):
         """`admit(path)` runs before every load and raises to refuse one: the model registry's
-        check that the file passed its trial, so nothing untried is ever opened in-process."""
+        check that the file passed its trial, so nothing untried is ever opened in-process.
+        `idle_seconds` (0: never) unloads a model unused for that long."""
         self.size = size
         self._loader = loader
         self.engine_settings = engine_settings
@@ -171,9 +123,10 @@ class ModelPool:
         self._slots: dict[str, _Slot] = {}
         self._engines: dict[tuple[str, int | None], _Engine] = {}
         self._closed = False
-        # Unload deadlines (time.time()) by model name, and the thread that keeps them.
-        self._deadlines: dict[str, float] = {}
-        self._expiry_thread: threading.Thread | None = None
+        self.events = events or ModelEvents()
+        # Unload deadlines by model name (keep_alive, idle), and the timer that keeps them.
+        self._expiry = Expiry(self._changed, idle_seconds, self._in_use, self._loaded_names,
+                              self._unload_expired, close_instances)
         # For /cache/status and /metrics: checkouts served by an idle instance or by a load,
         # and instances unloaded by evict() or a changed file.
         self._counts = {"hits": 0, "misses": 0, "evictions": 0}
@@ -195,6 +148,7 @@ class ModelPool:
         finally:
             with self._changed:
                 entry.leases -= 1
+                self._expiry.touch(name)
                 self._changed.notify_all()
 
     def _hand_out(self, name: str, path: str, cost: Callable[[int], LoadCost] | None,
@@ -224,7 +178,7 @@ class ModelPool:
         """An engine goes to a request (lock held): a new use clears the model's deadline."""
         entry.last_used = time.time()
         entry.leases += 1
-        self._deadlines.pop(name, None)
+        self._expiry.used(name)
 
     def _load_engine(self, key: tuple[str, int | None], entry: _Engine,
                      cost: Callable[[int], LoadCost] | None) -> None:
@@ -232,6 +186,7 @@ class ModelPool:
         name, n_ctx = key
         settings = self.engine_settings(n_ctx)
         started = time.monotonic()
+        self.events.publish("loading", name, n_ctx=n_ctx)
         try:
             try:
                 self._admit(entry.path)
@@ -249,16 +204,23 @@ class ModelPool:
             except BaseException:
                 close_instance(instance)
                 raise
-        except BaseException:
+        except BaseException as exc:
             with self._changed:
                 if self._engines.get(key) is entry:
                     del self._engines[key]
                 self._changed.notify_all()
+            self._failed(name, exc, n_ctx=n_ctx)
             raise
         with self._changed:
-            entry.engine, entry.load_seconds = engine, time.monotonic() - started
-            self._handed(name, entry)
+            closed = self._closed
+            if not closed:
+                entry.engine, entry.load_seconds = engine, time.monotonic() - started
+                self._handed(name, entry)
             self._changed.notify_all()
+        if closed:      # closed while it loaded (a preload at shutdown): not kept
+            engine.close()
+            raise ShuttingDown("the model pool is closed")
+        self.events.publish("loaded", name, n_ctx=n_ctx, load_seconds=round(entry.load_seconds, 3))
         log.info("loaded %s in %.2f s: %d slots, %d KV cells", name, entry.load_seconds,
                  settings.slots, settings.kv_cells)
 
@@ -301,7 +263,7 @@ class ModelPool:
                 if self._closed:
                     raise ShuttingDown("the model pool is closed")
                 slot = self._current_slot(name, path)
-                self._deadlines.pop(model_of(name), None)
+                self._expiry.used(model_of(name))
                 if slot.idle:
                     on_reserve()
                     self._counts["hits"] += 1
@@ -335,6 +297,8 @@ class ModelPool:
                    loader: Loader) -> Any:
         """Load one instance outside the lock (loading takes a while) and hand it out busy."""
         started = time.monotonic()
+        model, variant = model_of(name), name.partition(VARIANT_MARK)[2] or None
+        self.events.publish("loading", model, variant=variant)
         try:
             self._admit(path)
             self._memory_check(name, needed)
@@ -343,6 +307,7 @@ class ModelPool:
             with self._changed:
                 slot.loading -= 1
                 self._changed.notify_all()
+            self._failed(model, exc, variant=variant)
             if isinstance(exc, BackendError) or not isinstance(exc, Exception):
                 raise
             log.exception("loading %s from %s failed", name, path)
@@ -353,12 +318,21 @@ class ModelPool:
             slot.load_seconds = time.monotonic() - started
             slot.last_used = time.time()
         log.info("loaded an instance of %s in %.2f s", name, slot.load_seconds)
+        self.events.publish("loaded", model, variant=variant,
+                            load_seconds=round(slot.load_seconds, 3))
         return instance
+
+    def _failed(self, model: str, exc: BaseException, **detail) -> None:
+        """Publish a failed load (not a load refused because the pool is closing)."""
+        if isinstance(exc, Exception) and not isinstance(exc, ShuttingDown):
+            error = getattr(exc, "message", None) or f"model {model} could not be loaded"
+            self.events.publish("failed", model, error=error, **detail)
 
     def _release(self, key: str, slot: _Slot, instance: Any) -> None:
         with self._changed:
             slot.busy.remove(instance)
             slot.last_used = time.time()
+            self._expiry.touch(model_of(key))
             keep = not self._closed and self._slots.get(key) is slot
             if keep:
                 slot.idle.append(instance)
@@ -375,21 +349,29 @@ class ModelPool:
         idle, slot.idle = slot.idle, []
         return idle
 
-    def evict(self, name: str, n_ctx: int | None = None) -> int:
+    def evict(self, name: str, n_ctx: int | None = None, reason: str = "evicted") -> int:
         """Unload `name`: its engines (only the one for `n_ctx` requests when given) and, with
         no `n_ctx`, its pooled variants and its deadline; idle ones close now, busy ones when
-        they finish; count closed now."""
+        they finish (their running and queued sequences end normally); count closed now."""
         with self._changed:
-            idle, engines = self._detach(name, n_ctx)
-        for instance in idle:
-            close_instance(instance)
+            idle, engines = self._detach(name, n_ctx, reason)
+        close_instances(idle)
         return len(idle) + engines
 
-    def _detach(self, name: str, n_ctx: int | None = None) -> tuple[list, int]:
+    def _unload_expired(self, name: str, reason: str) -> list:
+        return self._detach(name, None, reason)[0]
+
+    def _detach(self, name: str, n_ctx: int | None = None,
+                reason: str = "evicted") -> tuple[list, int]:
         """Retire `name`'s engines and variants (lock held): the idle instances to close, and
-        the count of engines that close now."""
+        the count of engines that close now. Publishes `unloaded` if anything was loaded."""
         if n_ctx is None:
-            self._deadlines.pop(name, None)
+            self._expiry.forget(name)
+        loaded = any(key[0] == name and (n_ctx is None or key[1] == n_ctx)
+                     for key in self._engines) or (
+            n_ctx is None and any(model_of(key) == name for key in self._slots))
+        if loaded:
+            self.events.publish("unloaded", name, reason=reason, n_ctx=n_ctx)
         variants = [] if n_ctx is not None else [
             key for key in self._slots if model_of(key) == name]
         idle = [instance for key in variants for instance in self._retire(key)]
@@ -397,59 +379,28 @@ class ModelPool:
                       if key[0] == name and (n_ctx is None or key[1] == n_ctx))
         return idle, engines
 
-    # -- deadlines (keep_alive) ---------------------------------------------------------------
+    # -- deadlines (keep_alive, idle) ---------------------------------------------------------
 
     def expire_at(self, name: str, deadline: float | None) -> None:
         """Unload model `name` once `deadline` (time.time()) has passed and nothing of it is
-        in use (postponed while it is); None keeps it loaded until evicted. A deadline already
-        passed unloads it now if it is idle. Any later use of the model clears the deadline."""
+        in use (postponed while it is); None keeps it loaded until evicted (the idle timeout
+        included, until its next use). A deadline already passed unloads it now if it is idle.
+        Any later use of the model clears the deadline."""
         with self._changed:
             if self._closed:
                 return
-            if deadline is None:
-                self._deadlines.pop(name, None)
-            else:
-                self._deadlines[name] = deadline
-                if self._expiry_thread is None:
-                    self._expiry_thread = threading.Thread(
-                        target=self._expire_loop, name="model-expiry", daemon=True)
-                    self._expiry_thread.start()
+            idle = self._expiry.set(name, deadline)
             self._changed.notify_all()
-            idle = self._expire_due(time.time())[0] if deadline is not None else []
-        for instance in idle:
-            close_instance(instance)
+        close_instances(idle)
 
     def expires_at(self, name: str) -> float | None:
         """When model `name` is due to be unloaded (time.time()); None: not before evicted."""
         with self._lock:
-            return self._deadlines.get(name)
+            return self._expiry.deadline(name)
 
-    def _expire_loop(self) -> None:
-        """The timer: sleeps until the next deadline (or a change), unloads what is due."""
-        while True:
-            with self._changed:
-                if self._closed:
-                    return
-                idle, wait = self._expire_due(time.time())
-                if not idle:
-                    self._changed.wait(wait)
-                    continue
-            for instance in idle:
-                close_instance(instance)
-
-    def _expire_due(self, now: float) -> tuple[list, float | None]:
-        """Unload (lock held) every model whose deadline has passed and that is idle; the idle
-        instances to close, and how long to sleep before looking again (None: until woken)."""
-        idle, waits = [], []
-        for name, deadline in list(self._deadlines.items()):
-            if deadline > now:
-                waits.append(deadline - now)
-            elif self._in_use(name):
-                waits.append(EXPIRY_RECHECK)
-            else:
-                log.info("unloading %s: its keep-alive deadline passed", name)
-                idle += self._detach(name)[0]
-        return idle, min(waits, default=None)
+    def _loaded_names(self) -> set[str]:
+        """Models with an engine or a pooled variant, loading or loaded (lock held)."""
+        return {key[0] for key in self._engines} | {model_of(key) for key in self._slots}
 
     def _in_use(self, name: str) -> bool:
         """Whether anything of model `name` is loading or working (lock held)."""
@@ -508,11 +459,8 @@ class ModelPool:
             idle = [instance for key in keys for instance in self._retire(key)]
             engines = [entry.engine for entry in self._engines.values() if entry.engine]
             self._engines.clear()
-            self._deadlines.clear()
-            timer, self._expiry_thread = self._expiry_thread, None
             self._changed.notify_all()
-        if timer is not None and timer is not threading.current_thread():
-            timer.join()
+        self._expiry.stop()
         for engine in engines:
             engine.close()
         for instance in idle:

@@ -72,6 +72,20 @@ def test_dashboard_draws_live_charts_after_traffic(live, browser):
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
 
 
+def test_dashboard_lists_model_events_live(live, browser):
+    server = live()
+    browser.open(f"{server.url}/dashboard?interval=500")
+    assert browser.wait_for("window.dashboard && window.dashboard.events.connected")
+    server.generate(prompt="Hi", max_tokens=2)                    # loads the model
+    unload = requests.post(f"{server.url}/api/v1/models/gemma-3-270m-q4_k_m.gguf/unload",
+                           timeout=30)
+    assert unload.status_code == 200
+    assert browser.wait_for("window.dashboard.events.received.map((e) => e.kind).join() === "
+                            "'loading,loaded,unloaded'", timeout=30)
+    shown = browser.evaluate("document.getElementById('events').textContent")
+    assert "unloaded" in shown and "gemma-3-270m-q4_k_m.gguf (admin)" in shown
+
+
 def test_dashboard_polls_every_two_seconds_by_default(live, browser):
     server = live()
     browser.open(f"{server.url}/dashboard")

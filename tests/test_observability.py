@@ -14,7 +14,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import LONG, MODEL_NAME, sse_events, wait_until
-from services.model_pool import InstanceSettings, llamacpp_loader
+from services.model_loading import InstanceSettings, llamacpp_loader
 
 
 def gated_loader(gate: threading.Event):

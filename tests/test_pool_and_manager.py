@@ -10,7 +10,8 @@ import pytest
 from conftest import wait_until
 from services.concurrency_manager import ConcurrencyManager
 from services.errors import ModelLoadError, QueueTimeout, ShuttingDown, TooBusy
-from services.model_pool import InstanceSettings, ModelPool, llamacpp_loader
+from services.model_loading import InstanceSettings, llamacpp_loader
+from services.model_pool import ModelPool
 
 
 class FakeInstance:
@@ -169,7 +170,7 @@ def test_drain_waits_for_running_jobs():
 LOAD_WHILE_LOGGING = """
 import logging, sys, threading, time
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from services.model_pool import InstanceSettings, llamacpp_loader
+from services.model_loading import InstanceSettings, llamacpp_loader
 load = llamacpp_loader(InstanceSettings(n_ctx=256, n_batch=64, n_threads=1, n_gpu_layers=0))
 loaders = [threading.Thread(target=load, args=(sys.argv[1],)) for _ in range(2)]
 for thread in loaders:

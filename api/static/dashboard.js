@@ -1,4 +1,5 @@
-/* The /dashboard page: polls /stats and /stats/concurrency and charts them with tinychart.js.
+/* The /dashboard page: polls /stats and /stats/concurrency and charts them with tinychart.js,
+ * and lists model events (loads, unloads, uploads, deletes) live from /api/v1/models/events.
  *
  * Rates (requests/s, tokens/s) are differences of the server's lifetime counters between two
  * polls, so they are exact whatever the poll interval. `window.dashboard` exposes the state
@@ -119,5 +120,83 @@
     document.getElementById("auth").hidden = true;
   });
   window.addEventListener("resize", () => Object.values(charts).forEach((c) => c.draw()));
+
+  // Model events: the SSE stream read with fetch(), not EventSource, which cannot send the
+  // Authorization header; after a break it reconnects with Last-Event-ID and catches up.
+  const events = {received: [], connected: false, lastId: null, connections: 0};
+  state.events = events;
+  const EVENTS_SHOWN = 100, EVENTS_RETRY_MS = 3000;
+
+  function eventsStatus(text) {
+    document.getElementById("events-status").textContent = text;
+  }
+
+  function describeEvent(event) {
+    const extra = [event.variant, event.reason, event.source,
+                   event.load_seconds === undefined ? null : `${event.load_seconds} s`,
+                   event.error].filter((part) => part);
+    return event.model + (extra.length ? ` (${extra.join(", ")})` : "");
+  }
+
+  function showEvent(event) {
+    events.received.push(event);
+    if (events.received.length > EVENTS_SHOWN) events.received.shift();
+    document.getElementById("no-events")?.remove();
+    const item = document.createElement("li");
+    const time = document.createElement("time");
+    time.textContent = String(event.at).slice(11, 19);
+    const kind = document.createElement("span");
+    kind.className = "kind " + event.kind;
+    kind.textContent = event.kind;
+    item.append(time, kind, document.createTextNode(describeEvent(event)));
+    const list = document.getElementById("events");
+    list.prepend(item);
+    while (list.children.length > EVENTS_SHOWN) list.lastChild.remove();
+  }
+
+  function handleFrame(frame) {
+    let id = null, data = "";
+    for (const line of frame.split("\n")) {
+      if (line.startsWith("id: ")) id = Number(line.slice(4));
+      else if (line.startsWith("data: ")) data += line.slice(6);
+    }
+    if (!data) return;                       // a heartbeat comment or the retry hint
+    if (id !== null) events.lastId = id;
+    showEvent(JSON.parse(data));
+  }
+
+  async function followEvents() {
+    const sent = headers();
+    if (events.lastId !== null) sent["Last-Event-ID"] = String(events.lastId);
+    try {
+      const reply = await fetch("/api/v1/models/events", {headers: sent, cache: "no-store"});
+      if (reply.status === 401) {
+        document.getElementById("auth").hidden = false;
+        throw new Error("an API key is needed");
+      }
+      if (!reply.ok) throw new Error(`HTTP ${reply.status}`);
+      events.connected = true;
+      events.connections += 1;
+      eventsStatus("live");
+      const reader = reply.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const {value, done} = await reader.read();
+        if (done) break;
+        buffer += value;
+        for (let end; (end = buffer.indexOf("\n\n")) >= 0; buffer = buffer.slice(end + 2)) {
+          handleFrame(buffer.slice(0, end));
+        }
+      }
+      eventsStatus("reconnecting…");
+    } catch (error) {
+      eventsStatus("not connected: " + error.message);
+    } finally {
+      events.connected = false;
+      setTimeout(followEvents, EVENTS_RETRY_MS);
+    }
+  }
+
   poll();
+  followEvents();
 })();

@@ -7,9 +7,9 @@ once per step for everybody. Each step the scheduler thread
 
 1. drops queued sequences whose caller gave up, and stops running ones that were cancelled or
    ran out of time (their slot is free for the next step);
-2. admits waiting sequences into free slots while the KV cache has room for them, choosing the
-   free slot whose cached tokens share the longest prefix with the prompt, so only the rest of
-   the prompt is evaluated;
+2. admits waiting sequences into free slots while the KV cache has room for them, higher
+   priority first (see `_next_waiting`), choosing the free slot whose cached tokens share the
+   longest prefix with the prompt, so only the rest of the prompt is evaluated;
 3. builds one batch: the pending token of every decoding sequence, then prompt chunks of the
    sequences still prefilling, up to N_BATCH tokens (a long prompt advances a chunk per step
    while the others keep streaming);
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -38,6 +39,7 @@ from services.engine.logprobs import Distribution, token_logprob
 from services.engine.sampler import SamplerChain
 from services.engine.sequence import Sequence, common_prefix
 from services.errors import DecodeFailed, ModelLoadError, ShuttingDown
+from services.types import ANONYMOUS
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ class EngineSettings:
     n_ctx: int           # the most positions one sequence may use
     n_batch: int         # tokens evaluated per step
     n_threads: int
+    # A waiting sequence rises one priority level per this many seconds (PRIORITY_AGING_SECONDS).
+    priority_aging_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,15 @@ class EngineSnapshot:
     widest_step: int                    # most sequences one step has carried
     prompt_tokens_evaluated: int
     prompt_tokens_reused: int
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A queued sequence, its priority rank (0 high .. 2 low) and when it was queued."""
+
+    sequence: Sequence
+    rank: int
+    since: float
 
 
 @dataclass(eq=False)
@@ -99,7 +112,7 @@ class BatchEngine:
         self._rows = (batch.token, batch.pos, batch.n_seq_id, batch.seq_id, batch.logits)
         self._piece = ctypes.create_string_buffer(256)
         self._slots = [_Slot(i, []) for i in range(settings.slots)]
-        self._waiting: deque[Sequence] = deque()
+        self._waiting: list[_Waiting] = []      # in arrival order
         self._changed = threading.Condition()
         self._closing = False
         self._retiring = False
@@ -132,15 +145,16 @@ class BatchEngine:
 
     # -- callers' side ---------------------------------------------------------------------
 
-    def submit(self, sequence: Sequence) -> None:
-        """Queue a sequence; the scheduler admits it when a slot and KV room are free.
+    def submit(self, sequence: Sequence, rank: int = ANONYMOUS.rank) -> None:
+        """Queue a sequence of priority `rank` (services.types.Caller.rank: 0 is high); the
+        scheduler admits it when a slot and KV room are free and nothing ranks before it.
 
         :raise ShuttingDown: the engine is closing (its model was evicted or the app closed).
         """
         with self._changed:
             if self._closing or self._retiring:
                 raise ShuttingDown(f"model {self.name} is being unloaded")
-            self._waiting.append(sequence)
+            self._waiting.append(_Waiting(sequence, rank, time.monotonic()))
             self._changed.notify_all()
 
     def snapshot(self) -> EngineSnapshot:
@@ -218,13 +232,13 @@ class BatchEngine:
         """End queued sequences whose caller gave up and running ones that must stop."""
         with self._changed:
             waiting = list(self._waiting)
-        for sequence in waiting:
+        for entry in waiting:
             try:
-                sequence.job.check_waiting()
+                entry.sequence.job.check_waiting()
             except BaseException as exc:
                 with self._changed:
-                    self._waiting.remove(sequence)
-                sequence.listener.ended(sequence, exc)
+                    self._waiting.remove(entry)
+                entry.sequence.listener.ended(entry.sequence, exc)
         for slot in self._active():
             try:
                 slot.sequence.job.check()
@@ -232,11 +246,15 @@ class BatchEngine:
                 self._end(slot, exc)
 
     def _admit(self) -> None:
+        """Admit waiting sequences, the next by `_next_waiting`, while it can run: a seeded one
+        waits for the engine to empty, and one the KV cache has no room for waits for room;
+        those below it wait too (none overtakes it)."""
         while True:
             with self._changed:
                 if not self._waiting:
                     return
-                sequence = self._waiting[0]
+                entry = self._next_waiting()
+            sequence = entry.sequence
             free = [slot for slot in self._slots if slot.sequence is None]
             if not free or self._exclusive():
                 return
@@ -248,7 +266,7 @@ class BatchEngine:
             if not self._make_room(slot, sequence.reserve):
                 return
             with self._changed:
-                self._waiting.popleft()
+                self._waiting.remove(entry)
             try:
                 sequence.job.reserve()
                 self._place(slot, sequence)
@@ -256,6 +274,19 @@ class BatchEngine:
                 slot.sequence = None
                 sequence.close()
                 sequence.listener.ended(sequence, exc)
+
+    def _next_waiting(self) -> _Waiting:
+        """The waiting sequence to admit next (lock held): the best effective rank, its rank
+        less one level per PRIORITY_AGING_SECONDS waited; ties in arrival order.
+
+        Aging bounds how long priority holds a request back: once a low request has waited 2
+        aging periods, no request queued from then on goes before it (a high one queued then
+        has aged 2 levels less, so it ranks no better, and the tie goes to the older); for a
+        normal request, 1 period. It waits behind at most what was queued before that.
+        """
+        now, aging = time.monotonic(), self.settings.priority_aging_seconds
+        return min(self._waiting,
+                   key=lambda entry: entry.rank - math.floor((now - entry.since) / aging))
 
     def _exclusive(self) -> bool:
         """Whether a seeded sequence runs: it has the engine to itself (README, "Seeds and
@@ -424,6 +455,6 @@ class BatchEngine:
         for slot in self._active():
             self._end(slot, error)
         with self._changed:
-            waiting, self._waiting = list(self._waiting), deque()
-        for sequence in waiting:
-            sequence.listener.ended(sequence, error)
+            waiting, self._waiting = self._waiting, []
+        for entry in waiting:
+            entry.sequence.listener.ended(entry.sequence, error)

@@ -1,8 +1,9 @@
 """Readiness checks and system figures for /api/v1/health (psutil, no Flask).
 
 `down` means this server cannot serve a generation (no models, unreadable directory, shutting
-down); `degraded` means it can, but an operator should look (a worker died, memory or disk
-short, at the concurrency limit). Nothing here waits for a worker or a model instance.
+down); `starting` that it is still loading PRELOAD_MODELS; `degraded` means it can, but an
+operator should look (a worker died, memory or disk short, at the concurrency limit, a
+preloaded model failed). Nothing here waits for a worker or a model instance.
 """
 
 from __future__ import annotations
@@ -30,22 +31,38 @@ def health_report(backend) -> dict:
                        f"thread(s) died")
     if concurrency.in_flight >= concurrency.max_concurrent_requests:
         reasons.append("at MAX_CONCURRENT_REQUESTS: new requests get 429")
+    starting = _preload_checks(backend, reasons)
     system = system_figures(backend.models.models_dir)
     if system["memory_available_bytes"] < LOW_MEMORY_BYTES:
         reasons.append("less than 512 MiB of memory available")
     if system["disk_free_bytes"] is not None and system["disk_free_bytes"] < LOW_DISK_BYTES:
         reasons.append("less than 1 GiB of disk free in MODELS_DIR")
     return {
-        "status": "down" if fatal else "degraded" if reasons else "ok",
-        "reasons": fatal + reasons,
+        "status": ("down" if fatal else "starting" if starting else
+                   "degraded" if reasons else "ok"),
+        "reasons": fatal + starting + reasons,
         "models": len(models),
         "default_model": default_model,
         "loaded_models": [m.name for m in backend.pool.loaded_models() if m.instances],
+        "preload": backend.preloader.status() if backend.preloader else None,
         "workers": {"max": concurrency.max_workers, "busy": concurrency.workers_busy,
                     "started": concurrency.workers_started, "alive": concurrency.workers_alive,
                     "active": concurrency.active, "queued": concurrency.queued},
         "system": system,
     }
+
+
+def _preload_checks(backend, reasons: list[str]) -> list[str]:
+    """The models PRELOAD_MODELS still loads (a "starting" reason); failed ones go to
+    `reasons`."""
+    if backend.preloader is None:
+        return []
+    status = backend.preloader.status()
+    for name, error in status["failed"].items():
+        reasons.append(f"PRELOAD_MODELS: {name} was not loaded: {error}")
+    if not status["pending"]:
+        return []
+    return [f"starting: loading PRELOAD_MODELS ({', '.join(status['pending'])})"]
 
 
 def _model_checks(backend, models: list, default_model: str | None) -> tuple[list[str], list[str]]:
