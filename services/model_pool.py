@@ -49,6 +49,7 @@ def model_of(pool_name: str) -> str:
 
 
 def close_instances(instances: list) -> None:
+    """Close what an unload detached, outside the pool's lock (freeing takes a moment)."""
     for instance in instances:
         close_instance(instance)
 
