@@ -70,8 +70,6 @@ class Authenticator:
 
         :raise Unauthorized: keys exist and the header carries none of them.
         """
-        if not self.required:
-            return OPEN
         scheme, _, presented = (authorization or "").partition(" ")
         secret = presented.strip()
         if scheme.lower() == "bearer" and 0 < len(secret) <= MAX_KEY_CHARS:
@@ -80,6 +78,9 @@ class Authenticator:
                 principal = self.store.authenticate(secret)
             if principal is not None:
                 return principal
+        # Asked only when no key matched: a request with a valid key reads the store once.
+        if not self.required:
+            return OPEN
         raise Unauthorized("a valid API key is required: send 'Authorization: Bearer <key>'")
 
     def _configured_key(self, presented: bytes) -> Principal | None:
