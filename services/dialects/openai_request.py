@@ -41,6 +41,8 @@ def _token_biases(value: dict) -> str | None:
 
 MODEL = Param("model", "string", None, "model id from GET /v1/models (default model if omitted)")
 USER = ignored_param("user", "string", "an end-user id for OpenAI's abuse monitoring")
+PARALLEL_TOOL_CALLS = Param("parallel_tool_calls", "boolean", None,
+                            "false: at most one call per reply")
 # Fields for OpenAI's own service that chat completions and the Responses API share.
 SERVICE_FIELDS = (
     ignored_param("safety_identifier", "string", "an end-user id for OpenAI's abuse monitoring"),
@@ -107,7 +109,7 @@ CHAT_PARAMS: tuple[Param, ...] = (
     Param("tool_choice", "string or object", None, 'auto (text or calls; the default with '
           'tools), none, required (at least one call), or {"type": "function", "function": '
           '{"name": …}}; a forced call is grammar-constrained to the function\'s schema'),
-    Param("parallel_tool_calls", "boolean", None, "false: at most one call per reply"),
+    PARALLEL_TOOL_CALLS,
     Param("functions", "array", None, "the legacy form of tools: [{name, description, "
           "parameters}]; the reply carries message.function_call"),
     Param("function_call", "string or object", None, 'the legacy form of tool_choice: none, '

@@ -20,7 +20,7 @@ from typing import Any
 from services.dialects import sampling_fields as f
 from services.dialects.chat import MAX_MESSAGES, ChatMessage, ChatPrompt
 from services.dialects.json_mode import any_json_object, schema_grammar
-from services.dialects.openai_request import MODEL, SERVICE_FIELDS, USER
+from services.dialects.openai_request import MODEL, PARALLEL_TOOL_CALLS, SERVICE_FIELDS, USER
 from services.dialects.params import Param, ignored_param, parse_params
 from services.dialects.tools import MAX_NESTING, ToolSpec, json_object, parse_tools, valid_name
 from services.errors import InvalidRequest
@@ -53,7 +53,7 @@ RESPONSES_PARAMS: tuple[Param, ...] = (
           "…) are refused"),
     Param("tool_choice", "string or object", None, f"{_TOOL_CHOICE_HELP}; a forced call is "
           "grammar-constrained to the function's schema"),
-    Param("parallel_tool_calls", "boolean", None, "false: at most one call per reply"),
+    PARALLEL_TOOL_CALLS,
     Param("previous_response_id", "string", None, f"refused: {_STATELESS}"),
     Param("conversation", "string or object", None, f"refused: {_STATELESS}"),
     Param("background", "boolean", None, "only false: responses run while the request waits",
