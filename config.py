@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
@@ -168,6 +169,8 @@ SETTINGS: tuple[Setting, ...] = (
             "unload a model nobody used for this long (0: keep until evicted)"),
     Setting("RESPONSE_CACHE_SIZE", _int(0), 0,
             "replies of deterministic requests kept for reuse, LRU (0: no response cache)"),
+    Setting("REPLICA_NAME", _text, "",
+            "this process's name in a fleet: the replica label of /metrics (default host:PORT)"),
 )
 
 
@@ -199,6 +202,8 @@ class Config:
             # http://0.0.0.0:PORT reaches this machine, so it is never allowed by default.
             bound = () if self.HOST in ("0.0.0.0", "::", "") else (self.HOST,)
             self.ALLOWED_HOSTS = tuple(dict.fromkeys(("localhost", "127.0.0.1", "::1", *bound)))
+        if not self.REPLICA_NAME:
+            self.REPLICA_NAME = f"{socket.gethostname()}:{self.PORT}"
         if self.DEEPSEEK_DEFAULT_CTX > self.DEEPSEEK_MAX_CTX:
             raise ConfigError("DEEPSEEK_DEFAULT_CTX must not exceed DEEPSEEK_MAX_CTX")
         if self.DEEPSEEK_CHUNK_OVERLAP >= self.DEEPSEEK_CHUNK_SIZE:
