@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from flask import Flask
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Config, load_config
 from DeepSeekLLM.deepseek_service import DeepSeekService, build_deepseek
@@ -192,6 +193,12 @@ def create_app(config: Config | Mapping[str, Any] | None = None, *,
         MAX_FORM_MEMORY_SIZE=1024 * 1024, MAX_FORM_PARTS=100)
     app.json.sort_keys = False
     app.extensions["llm"] = build_backend(config, loader, current_caller)
+    if config.TRUSTED_PROXY_HOPS:
+        # Behind nginx every request comes from the balancer's address: the client's own is
+        # the last X-Forwarded-For entry each trusted proxy appended (access log, per-address
+        # limits). Never trusted by default: any client can send that header.
+        hops = config.TRUSTED_PROXY_HOPS
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
     register_cors(app, config.CORS_ORIGINS or ())
     register_request_hooks(app)
     register_error_handlers(app)

@@ -169,6 +169,8 @@ SETTINGS: tuple[Setting, ...] = (
             "unload a model nobody used for this long (0: keep until evicted)"),
     Setting("RESPONSE_CACHE_SIZE", _int(0), 0,
             "replies of deterministic requests kept for reuse, LRU (0: no response cache)"),
+    Setting("TRUSTED_PROXY_HOPS", _int(0), 0,
+            "proxies in front (nginx: 1) whose X-Forwarded-For names the client (0: none)"),
     Setting("REPLICA_NAME", _text, "",
             "this process's name in a fleet: the replica label of /metrics (default host:PORT)"),
 )
