@@ -29,6 +29,7 @@ def health():
 
 @bp.get("/stats")
 @document(reply={
+    "replica": "host-1:5000",
     "uptime_seconds": 812.4,
     "requests": {"total": 9, "succeeded": 6, "failed": 1, "rejected": 2, "timed_out": 0,
                  "cancelled": 0},

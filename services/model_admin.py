@@ -2,10 +2,14 @@
 
 Each model type ("gguf", "deepseek") has its own directory and ModelManager; this is the one
 place that knows all of them, so an upload, a delete or a listing means the same thing for both.
-Uploads, imports and copies are published as `uploaded` model events, deletes as `deleted`.
+Uploads, imports and copies are published as `uploaded` model events, deletes as `deleted`;
+so are the deletes and replacements other processes sharing a directory make, when a manager
+notices them (its next listing, or its watch every few seconds).
 """
 
 from __future__ import annotations
+
+import functools
 
 from models.gguf_header import read_gguf
 from models.model_file import ModelFile
@@ -25,6 +29,15 @@ class ModelAdmin:
         self.guard = guard
         self.kv_cells = kv_cells
         self.events = events or pool.events
+        for model_type, manager in managers.items():
+            manager.watch(functools.partial(self._changed_elsewhere, model_type))
+
+    def _changed_elsewhere(self, model_type: str, name: str, kind: str) -> None:
+        """Another process deleted or replaced a model: this process's instances of it go like
+        after its own delete or upload (running generations finish on the old file first)."""
+        self.pool.evict(name, reason=kind)
+        self.events.publish("deleted" if kind == "deleted" else "uploaded", name,
+                            type=model_type, source=None if kind == "deleted" else "elsewhere")
 
     def manager(self, model_type: str | None) -> ModelManager:
         """:raise InvalidRequest: not a known model type."""

@@ -6,8 +6,10 @@ test depends on another's order or on the developer's own models/.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -42,6 +44,21 @@ def wait_until(condition, seconds: float = 30.0) -> bool:
             return True
         time.sleep(0.02)
     return condition()
+
+
+@contextlib.contextmanager
+def small_tmpfs(mount: Path):
+    """A 1 MiB tmpfs at `mount` (a real ENOSPC for full-disk tests), unmounted afterwards; the
+    test skips where mounting is not allowed."""
+    mount.mkdir(exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def instances_in_use(server) -> int:

@@ -21,10 +21,10 @@ import gguf
 import pytest
 import requests
 
-from conftest import MODEL_NAME, multipart_upload, wait_until
+from conftest import MODEL_NAME, multipart_upload, small_tmpfs, wait_until
 from gguf_edit import tiny_llama, with_chat_template
 from models.model_manager import ModelManager
-from models.registry_file import REGISTRY_FILE
+from models.registry_file import LOCK_FILES, REGISTRY_FILE
 from services.errors import ModelUnusable
 
 NAIVE_LOAD = textwrap.dedent("""
@@ -56,7 +56,8 @@ def post_upload(app, content: bytes, filename: str = "model.gguf"):
 
 
 def on_disk(directory: Path) -> set[str]:
-    return {p.name for p in directory.iterdir()}
+    """The directory's files, but for the lock files every process sharing it keeps there."""
+    return {p.name for p in directory.iterdir()} - LOCK_FILES
 
 
 def models_dir(server) -> Path:
@@ -241,16 +242,10 @@ def test_cli_import_tries_the_file_and_refuses_the_crafted_one(app, byteless):
 @pytest.fixture
 def small_disk(tmp_path, model_file, model_registry):
     """A 1 MiB tmpfs as MODELS_DIR (real ENOSPC), holding the default model's link and registry."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    os.symlink(model_file, mount / MODEL_NAME)
-    (mount / REGISTRY_FILE).write_text(model_registry)
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
+    with small_tmpfs(tmp_path / "disk") as mount:
+        os.symlink(model_file, mount / MODEL_NAME)
+        (mount / REGISTRY_FILE).write_text(model_registry)
+        yield mount
 
 
 def fill(directory: Path) -> Path:

@@ -15,6 +15,7 @@ import pytest
 import requests
 
 from conftest import MODEL_NAME, multipart_upload, wait_until
+from models.registry_file import LOCK_FILES
 
 
 def models_dir(server) -> Path:
@@ -22,7 +23,8 @@ def models_dir(server) -> Path:
 
 
 def dir_listing(server) -> set[str]:
-    return {p.name for p in models_dir(server).iterdir()}
+    """The models directory's files, but for the lock files shared by the processes using it."""
+    return {p.name for p in models_dir(server).iterdir()} - LOCK_FILES
 
 
 def model_names(server) -> list[str]:

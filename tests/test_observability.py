@@ -35,11 +35,16 @@ def get(server, path: str) -> dict:
 
 
 def metric_samples(server) -> dict:
-    """{(sample name, frozenset(labels)): value} from /metrics, via prometheus_client's parser."""
+    """{(sample name, frozenset(labels)): value} from /metrics, via prometheus_client's parser;
+    every sample's replica label is checked and left out of its key."""
     reply = requests.get(f"{server.url}/metrics", timeout=10)
     assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    return {(sample.name, frozenset(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(reply.text) for sample in family.samples}
+    samples = [sample for family in text_string_to_metric_families(reply.text)
+               for sample in family.samples]
+    assert {sample.labels.get("replica") for sample in samples} == {
+        server.backend.config.REPLICA_NAME}
+    return {(sample.name, frozenset((k, v) for k, v in sample.labels.items() if k != "replica")):
+            sample.value for sample in samples}
 
 
 def metric(samples: dict, name: str, **labels) -> float:
@@ -194,7 +199,8 @@ def test_timeouts_and_disconnects_are_counted(live):
     stream = server.stream(**LONG, max_tokens=1000)
     next(line for line in stream.iter_lines() if line)
     stream.close()
-    assert wait_until(lambda: get(server, "/stats")["requests"]["total"] == 2)
+    assert wait_until(lambda: get(server, "/stats")["requests"]["total"] == 2
+                      and get(server, "/stats")["models"][MODEL_NAME]["cancelled"] == 1)
     stats = get(server, "/stats")
     assert (stats["requests"]["timed_out"], stats["requests"]["cancelled"]) == (1, 1)
     usage = stats["models"][MODEL_NAME]

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from conftest import MODEL_NAME, wait_until
-from models.registry_file import REGISTRY_FILE
+from models.registry_file import LOCK_FILES, REGISTRY_FILE
 from models.uploads import HashingFile, disk_full
 from services.errors import InsufficientStorage
 
@@ -38,6 +38,11 @@ def client_for(server) -> ollama.Client:
 def loaded(server) -> list[str]:
     """Pool entries (engines and embedding instances) that hold a loaded model."""
     return [m.name for m in server.backend.pool.loaded_models() if m.instances or m.loading]
+
+
+def files_in(directory) -> list[str]:
+    """A models directory's files, sorted, but for the lock files the processes sharing it keep."""
+    return sorted(p.name for p in directory.iterdir() if p.name not in LOCK_FILES)
 
 
 def ps_names(client) -> list[str]:
@@ -139,7 +144,7 @@ def test_copy_of_an_unknown_model_or_to_a_bad_name_is_refused(live):
     reply = requests.post(f"{server.url}/api/copy", json={"source": OLLAMA_NAME}, timeout=10)
     assert reply.status_code == 400 and "destination" in reply.json()["error"]
     assert [m.model for m in client.list().models] == [OLLAMA_NAME]
-    assert sorted(p.name for p in server.backend.models.models_dir.iterdir()) == [
+    assert files_in(server.backend.models.models_dir) == [
         MODEL_NAME, REGISTRY_FILE]
 
 
@@ -162,7 +167,7 @@ def test_copy_without_hard_links_copies_the_bytes_and_keeps_the_trial(live, monk
     assert copied.stat().st_ino != (models_dir / MODEL_NAME).stat().st_ino
     assert copied.stat().st_size == source.size_bytes
     assert client.show("bytes-copy").details.family == "gemma3"
-    assert sorted(p.name for p in models_dir.iterdir()) == [
+    assert files_in(models_dir) == [
         "bytes-copy.gguf", MODEL_NAME, REGISTRY_FILE]           # no temp file left
     listed = {m["name"]: m for m in server.backend.model_admin.list("gguf")}
     assert listed["bytes-copy.gguf"]["sha256"] == source.sha256
@@ -190,7 +195,7 @@ def test_a_copy_that_fails_leaves_neither_file_nor_entry(live, monkeypatch, hard
     with pytest.raises(ollama.ResponseError) as caught:
         client_for(server).copy(OLLAMA_NAME, "doomed")
     assert caught.value.status_code == 507 and "disk is full" in caught.value.error
-    assert sorted(p.name for p in manager.models_dir.iterdir()) == [MODEL_NAME, REGISTRY_FILE]
+    assert files_in(manager.models_dir) == [MODEL_NAME, REGISTRY_FILE]
     assert (manager.models_dir / REGISTRY_FILE).read_text() == before
     monkeypatch.undo()
     assert [m.name for m in manager.list()] == [MODEL_NAME]

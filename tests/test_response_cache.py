@@ -25,7 +25,8 @@ def cache_status(server) -> dict:
 
 def metric(server, name: str) -> float:
     text = requests.get(f"{server.url}/metrics", timeout=10).text
-    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+    # Every series carries the replica label (and only that one here).
+    return float(re.search(rf'^{name}{{replica="[^"]*"}} (\S+)$', text, re.M).group(1))
 
 
 def test_a_repeated_greedy_or_seeded_request_is_answered_from_the_cache(live):

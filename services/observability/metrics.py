@@ -4,16 +4,24 @@ A collector reads the same objects /stats reads at scrape time, so the two can n
 and nothing is counted twice. Each app gets its own CollectorRegistry (never the global one), so
 many apps can live in one process, as the tests build them. Label values are bounded: route
 templates, status codes, outcomes, and the names of models that exist.
+
+In a fleet every replica is scraped on its own, so every series carries `replica` (REPLICA_NAME):
+the app's registry adds it to every sample any of its collectors yields, the process collector's
+included, so no metric added later can go out without it.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from importlib import metadata
 from typing import Iterator
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                   InfoMetricFamily)
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from services.observability.reports import cache_statuses, engine_states
@@ -163,10 +171,64 @@ class BackendCollector(Collector):
         return [hits, misses, entries]
 
 
+REPLICA_LABEL = "replica"
+
+
+class ReplicaRegistry(CollectorRegistry):
+    """A registry whose every sample carries replica="<name>", whichever collector yields it:
+    the label is added where the registry hands its families to the exposition, so a collector
+    or metric registered later needs nothing to get it.
+
+    Prometheus adds an `instance` label of its own, but that is the scraped address, which
+    changes when a pod moves; the replica's configured name is what dashboards group by.
+    """
+
+    def __init__(self, replica: str):
+        super().__init__(auto_describe=False)
+        self.replica = exposable(replica)
+
+    def collect(self) -> Iterator[Metric]:
+        for family in super().collect():
+            yield self._labelled(family)
+
+    def _labelled(self, family: Metric) -> Metric:
+        """A copy, so a collector that hands out the same family twice never sees it changed."""
+        labelled = copy.copy(family)
+        labelled.samples = [sample._replace(labels={**sample.labels, REPLICA_LABEL: self.replica})
+                            for sample in family.samples]
+        return labelled
+
+
+def exposable(value: str) -> str:
+    """`value` as UTF-8 can carry it: an environment variable holding bytes that are not UTF-8
+    arrives with surrogates, which would make every scrape fail to encode. Quotes, backslashes
+    and newlines need nothing here: the exposition escapes label values."""
+    return value.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class ReplicaInfo(Collector):
+    """llm_replica_info: one series per replica whose labels say what it runs (value 1), to
+    join on `replica` or to count the replicas up."""
+
+    def collect(self) -> Iterator[Metric]:
+        info = InfoMetricFamily("llm_replica", "this replica and the llama.cpp binding it runs")
+        info.add_metric([], {"llama_cpp_python": _version("llama_cpp_python")})
+        yield info
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_registry(backend) -> CollectorRegistry:
-    """A registry of this backend's metrics plus the process's CPU, memory and file handles."""
-    registry = CollectorRegistry(auto_describe=False)
+    """A registry of this backend's metrics plus the process's CPU, memory and file handles,
+    every series labelled with the replica's name."""
+    registry = ReplicaRegistry(backend.config.REPLICA_NAME)
     registry.register(BackendCollector(backend))
+    registry.register(ReplicaInfo())
     ProcessCollector(registry=registry)
     return registry
 

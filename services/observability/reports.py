@@ -15,6 +15,7 @@ def stats_report(backend) -> dict:
     endpoints = requests.pop("endpoints")
     usage = backend.stats.summary()
     return {
+        "replica": backend.config.REPLICA_NAME,
         "uptime_seconds": round(time.monotonic() - backend.started_at, 1),
         "requests": requests,
         "endpoints": endpoints,
