@@ -28,9 +28,9 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
-import requests
 from dotenv import dotenv_values
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +105,15 @@ def listen_conf(port: int, temp_dir: Path) -> str:
     temp = "".join(f"{kind}_temp_path {temp_dir / kind};\n"
                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"listen 127.0.0.1:{port};\naccess_log logs/access.log llm_json;\n{temp}"
+
+
+def answers_health(url: str) -> bool:
+    """Whether GET /health answers 200 (urllib: `make cluster` needs only the runtime packages)."""
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as reply:
+            return reply.status == 200
+    except OSError:         # refused, reset, timed out, or an HTTP error status
+        return False
 
 
 def tail(path: Path, size: int = 6000) -> str:
@@ -225,11 +234,8 @@ class Replica:
     def wait_ready(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline and self.running:
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
+            if answers_health(self.url):
+                return
             time.sleep(0.1)
         self.kill()
         raise RuntimeError(f"{self.name} did not start within {seconds:g} s; its output:\n"
@@ -314,10 +320,7 @@ class Cluster:
         self.replicas[i].wait_ready(seconds)
 
     def stop(self) -> None:
-        """Every replica drains at once (SIGTERM), then nginx quits."""
-        for replica in self.replicas:
-            if replica.running:
-                replica.process.send_signal(signal.SIGTERM)
+        """Every replica drains at once (SIGTERM, once each), then nginx quits."""
         waits = [threading.Thread(target=replica.terminate, args=(self.stop_seconds,))
                  for replica in self.replicas]
         for wait in waits:
@@ -342,7 +345,7 @@ def _replica_config(env: dict[str, str]) -> Config:
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--replicas", type=int, default=3, help="gunicorn replicas (3)")
-    parser.add_argument("--port", type=int, default=8080, help="nginx's port on 127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080, help="nginx's port on 127.0.0.1 (8080)")
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="shared MODELS_DIR (default: the checkout's setting, ./models)")
     parser.add_argument("--run-dir", type=Path, default=ROOT / "logs" / "cluster",
@@ -402,6 +405,7 @@ def _serve(cluster: Cluster, stop: threading.Event) -> None:
                 print(f"{replica.name} exited ({replica.process.returncode}); see "
                       f"{replica.output_path}", flush=True)
                 replica.process = None
+
 
 if __name__ == "__main__":
     sys.exit(main())
