@@ -26,27 +26,25 @@ cluster: $(RUNTIME) model nginx
 model: $(RUNTIME)
 	@$(PY) scripts/install_model.py
 
-# The dashboard test drives headless Chromium (over the DevTools protocol: no chromedriver).
-# Installed here when missing and we are root with apt-get; otherwise that one test skips.
-browser:
-	@if command -v chromium >/dev/null 2>&1 || [ -x /usr/bin/chromium ]; then :; \
+# Debian packages some tests need, installed when missing and we are root with apt-get;
+# otherwise the tests that need them skip. $(call debian_package,name,path,what needs it)
+define debian_package
+	@if command -v $(1) >/dev/null 2>&1 || [ -x $(2) ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo ">>> installing chromium for the dashboard test"; \
+	  echo ">>> installing $(1) for $(3)"; \
 	  { apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-	  || echo ">>> could not install chromium: the dashboard test will skip"; \
-	else echo ">>> no chromium and no root apt-get: the dashboard test will skip"; fi
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(1) >/dev/null; } \
+	  || echo ">>> could not install $(1): $(3) will skip"; \
+	else echo ">>> no $(1) and no root apt-get: $(3) will skip"; fi
+endef
 
-# The cluster tests and `make cluster` put Debian's nginx in front of the replicas; installed
-# like chromium when missing and we are root with apt-get; otherwise the cluster tests skip.
+# The dashboard test drives headless Chromium (over the DevTools protocol: no chromedriver).
+browser:
+	$(call debian_package,chromium,/usr/bin/chromium,the dashboard test)
+
+# The cluster tests and `make cluster` put Debian's nginx in front of the replicas.
 nginx:
-	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	  echo ">>> installing nginx for the cluster tests"; \
-	  { apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; } \
-	  || echo ">>> could not install nginx: the cluster tests will skip"; \
-	else echo ">>> no nginx and no root apt-get: the cluster tests will skip"; fi
+	$(call debian_package,nginx,/usr/sbin/nginx,the cluster tests)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

@@ -38,6 +38,11 @@ from urllib.parse import urlsplit
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from config import load_config  # noqa: E402
+from scripts.cluster import Nginx, free_port  # noqa: E402
+
 CONCURRENCY = (1, 4, 8)
 PREFIX_REQUESTS = 8
 PREFIX_MAX_TOKENS = 16      # the case measures time to first token; a few tokens show the reply
@@ -158,13 +163,6 @@ def prefix_case(tokenizer: Tokenizer, tokens: int) -> PrefixCase:
         f"Rule {i}: room {i} is on floor {i % 9 + 1} and opens at {7 + i % 5} o'clock.\n"))
     questions = tuple(f"Which floor is room {7 * k + 3} on?" for k in range(PREFIX_REQUESTS))
     return PrefixCase(system, tokenizer.count(system), questions)
-
-
-def free_port() -> int:
-    """Let the OS pick a port so parallel runs and a running dev server do not collide."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(args: argparse.Namespace, setup: Setup, log_file) -> tuple[subprocess.Popen, str]:
@@ -406,11 +404,6 @@ def bench_balancer(url: str, args: argparse.Namespace) -> list[dict]:
     """This server's streamed rows at 1 and 8 clients, directly and through nginx in front of it
     (scripts/cluster.py's Nginx: deploy/nginx/nginx.conf with this server as the only upstream).
     Both paths are warmed up first, so nginx has connected to the server before it is timed."""
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    from config import load_config
-    from scripts.cluster import Nginx
-
     # nginx's body size limit and timeouts follow the server's settings, as cluster.py's do.
     config = load_config({**os.environ, **dict(item.split("=", 1) for item in args.env)})
     with tempfile.TemporaryDirectory(prefix="bench-nginx-") as run_dir:

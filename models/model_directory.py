@@ -31,10 +31,10 @@ from models.gguf_header import GGUFError
 from models.model_file import READY, TRIAL, UNUSABLE, ModelFile, describe_gguf, from_entry
 from models.probe import TRIAL_VERSION, SubprocessTrial
 from models.registry_file import (REGISTRY_FILE, REGISTRY_LOCK, TRIALS_LOCK, LockFile,
-                                  sha256_of_file, write_atomically)
+                                  read_registry, sha256_of_file, write_atomically)
 from models.shared_registry import (Every, adopted, describes, entries_of, known_sha256, merged,
-                                    read_registry, registry_stamp, scan_models, settled)
-from models.uploads import NAME_PATTERN, TEMP_PREFIX, TEMP_SUFFIX, remove_stale_temp_files
+                                    registry_stamp, scan_models, settled)
+from models.uploads import TEMP_PREFIX, TEMP_SUFFIX, remove_stale_temp_files
 from services.errors import (InsufficientStorage, ModelLoadError, ShuttingDown,
                              UnloadableModel)
 
@@ -345,20 +345,21 @@ class ModelDirectory:
             self._models[name] = model
 
     def _load_registry(self) -> None:
+        """What models_list.json remembers, by the same rules as an entry adopted from another
+        process (entries_of: a valid name, the file's identity); the path is derived, never read
+        back, so the file cannot point elsewhere."""
         path = self.models_dir / REGISTRY_FILE
+        registry = read_registry(self.models_dir)
+        if not registry and path.exists():
+            log.warning("%s is unreadable; rebuilding it from the files", path)
         try:
-            registry = json.loads(path.read_text())
-            entries = registry["models"]
-            # The path is derived, never read back: the file must not be able to point elsewhere.
-            self._models = {e["name"]: from_entry(self.models_dir, e)
-                            for e in entries if NAME_PATTERN.match(e["name"])}
-            default = registry.get("default_model")
-            self._installed_default = default if isinstance(default, str) else None
-        except FileNotFoundError:
-            self._models = {}
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            self._models = {name: from_entry(self.models_dir, entry)
+                            for name, entry in entries_of(registry).items()}
+        except (TypeError, ValueError) as exc:
             log.warning("%s is unreadable (%s); rebuilding it from the files", path, exc)
             self._models = {}
+        default = registry.get("default_model")
+        self._installed_default = default if isinstance(default, str) else None
 
     def _save_registry(self) -> None:
         """Merge this process's unsaved changes into models_list.json (read-merge-write, one

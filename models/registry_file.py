@@ -32,17 +32,20 @@ LOCK_FILES = frozenset({REGISTRY_LOCK, TRIALS_LOCK})
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
+def read_registry(models_dir: Path) -> dict:
+    """models_list.json as a dict; {} when missing or unreadable."""
+    try:
+        registry = json.loads((models_dir / REGISTRY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return registry if isinstance(registry, dict) else {}
+
+
 def record_installed_default(models_dir: Path, name: str) -> None:
     """Mark `name` as the model the setup installed (models_list.json's "default_model"): the
     default when DEFAULT_MODEL is unset. The server keeps the mark when it rewrites the file."""
-    path = models_dir / REGISTRY_FILE
     with LockFile(models_dir / REGISTRY_LOCK).held():
-        try:
-            registry = json.loads(path.read_text())
-            if not isinstance(registry, dict):
-                registry = {"models": []}
-        except (OSError, ValueError):
-            registry = {"models": []}
+        registry = {"models": [], **read_registry(models_dir)}
         registry["default_model"] = name
         write_atomically(models_dir, json.dumps(registry, indent=1))
 

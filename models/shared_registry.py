@@ -10,7 +10,6 @@ lock, and a reader that must see both or neither takes it shared (registry_file.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -57,15 +56,6 @@ def registry_stamp(models_dir: Path) -> tuple | None:
     except OSError:
         return None
     return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def read_registry(models_dir: Path) -> dict:
-    """models_list.json as a dict; {} when missing or unreadable."""
-    try:
-        registry = json.loads((models_dir / REGISTRY_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return registry if isinstance(registry, dict) else {}
 
 
 def entries_of(registry: dict) -> dict[str, dict]:

@@ -58,6 +58,7 @@ def nginx_available() -> bool:
 
 
 def free_port() -> int:
+    """A free 127.0.0.1 port picked by the OS, so parallel runs and a dev server do not collide."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

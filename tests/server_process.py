@@ -16,18 +16,13 @@ import requests
 
 from conftest import MODEL_NAME, ROOT
 from models.registry_file import REGISTRY_FILE
+from scripts.cluster import free_port
 
 COMMANDS = {
     "main": [sys.executable, "main.py"],
     "gunicorn": [str(Path(sys.executable).parent / "gunicorn"), "-c", "gunicorn.conf.py",
                  "app_factory:create_app()"],
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ServerProcess:
